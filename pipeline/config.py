@@ -1,0 +1,346 @@
+"""Typed, layered, validated configuration.
+
+Settings are resolved in three layers, as in dinov2's ``utils/config.py``:
+
+1. the dataclass defaults below (every default carries a comment giving its reason),
+2. an optional YAML file (``--config FILE.yaml``),
+3. command-line overrides: the named flags of the job scripts and ``--set dotted.key=value``.
+
+Everything is validated before any work starts: an unknown key, a wrong type or a value out of
+range raises :class:`ConfigError` naming the dotted field and the allowed values. The resolved
+config is written next to every run's outputs (``config.yaml``) by :func:`dump_yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import yaml
+
+Method = Literal["online", "deepcluster", "depict", "imc", "multiview"]
+Backbone = Literal["small_cnn", "resnet18", "resnet50"]
+Optimizer = Literal["sgd", "adam", "adamw"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message names the dotted field."""
+
+
+@dataclass
+class S3Config:
+    """How to reach ``s3://`` URIs. Credentials always come from the standard AWS chain."""
+
+    endpoint_url: str | None = None  # None = AWS; set for MinIO/Ceph/moto (http://127.0.0.1:9000)
+    region: str | None = None  # None = the AWS chain's region (AWS_REGION, ~/.aws/config)
+    anonymous: bool = False  # public buckets need no credentials
+    # "driver": resolve the AWS chain once in the driver and ship the (possibly temporary) keys
+    # inside the pickled filesystem, so workers without their own chain can read;
+    # "worker": every process resolves its own chain (instance profiles on every node).
+    credentials: Literal["driver", "worker"] = "driver"
+    connect_timeout_s: float = 5.0  # an unreachable bucket must fail within seconds
+    request_timeout_s: float = 30.0  # generous for large shards, still bounded
+
+
+@dataclass
+class DataConfig:
+    """Input shards, output location and the decode contract (DESIGN §3)."""
+
+    input: str | None = None  # Parquet shards dir or s3:// prefix; None = embedded digits demo
+    output: str = "runs/demo"  # run directory or s3:// prefix
+    image_size: int = 28  # square side after resize; 28 suits MNIST-like data, 224 ImageNet
+    channels: int = 1  # 1 = greyscale, 3 = RGB; other modes are converted on decode
+    mean: list[float] = field(default_factory=lambda: [0.5])  # per channel, or one for all
+    std: list[float] = field(default_factory=lambda: [0.5])  # per channel, or one for all
+    max_pixels: int = 64_000_000  # reject decompression bombs before decoding (W*H)
+    decode_batch_size: int = 256  # rows per decode task; bounded so blocks stay small
+    read_parallelism: int = -1  # -1 = let Ray Data choose the number of read tasks
+
+
+@dataclass
+class ModelConfig:
+    """Backbone and embedding."""
+
+    backbone: Backbone = "small_cnn"  # small_cnn for 28-32 px; resnet18/50 for larger images
+    weights: str | None = None  # local path or s3:// URI (safetensors or weights-only state dict)
+    feature_dim: int = 64  # embedding size the centroids live in
+    normalize_features: bool = True  # L2-normalised embeddings make k-means distances bounded
+
+
+@dataclass
+class ClusterConfig:
+    """Mini-batch k-means and the centroid server (DESIGN §4)."""
+
+    k: int = 10  # number of clusters
+    sync_every: int = 1  # steps between pushes of aggregated statistics to the server
+    max_staleness: int = 1  # rounds a worker may run ahead of the applied centroids (0 = sync)
+    drift_compensation: bool = True  # Hsu & Lin 2017; ablation in bench/quality.py
+    drift_smoothing: float = 1.0  # fraction of the measured drift applied per round
+    reseed_every: int = 20  # rounds between starved-cluster checks
+    reseed_ratio: float = 0.05  # starved = recent count below this fraction of the largest
+    reservoir_size: int = 4096  # recent features kept for reseeding starved clusters
+    assign_batch_size: int = 512  # rows per forward in the assignment pass
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation."""
+
+    epochs: int = 10  # passes over the data
+    batch_size: int = 256  # global batch, split evenly over workers
+    optimizer: Optimizer = "adam"  # adam is robust from scratch on small images
+    lr: float = 1e-3  # adam default
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 1e-5  # mild; the compactness term already regularises
+    warmup_epochs: int = 1  # k-means only (frozen CNN) first, so pseudo-labels are sane
+    seed: int = 0  # everything random derives from this
+
+
+@dataclass
+class OnlineConfig:
+    """Loss of the ``online`` method (Hsu & Lin 2017, DESIGN §5.1)."""
+
+    temperature: float = 0.1  # logits = -||f - c||^2 / temperature
+    compactness_weight: float = 0.1  # pulls features towards their assigned centroid
+    consistency_weight: float = 1.0  # two augmented views must agree (0 = off)
+    balance: bool = True  # weight samples by inverse cluster size (collapse guard)
+    augment: bool = True  # random crops/affine for the second view
+
+
+@dataclass
+class ScaleConfig:
+    """Ray resources and fault tolerance."""
+
+    workers: int = 1  # Ray Train workers
+    gpu: bool = False  # one GPU per worker and GPU assignment actors
+    cpus_per_worker: float = 1.0  # lower (0.5) on 2-core machines to leave CPU for Ray Data
+    assign_actors: int = 1  # model+centroids actors in the assignment pass
+    max_failures: int = 2  # worker-group restarts from the last checkpoint
+    checkpoint_every_steps: int = 200  # also at every epoch end
+
+
+@dataclass
+class Config:
+    """Everything a clustering run needs. Saved as ``config.yaml`` with each run."""
+
+    method: Method = "online"  # see DESIGN §5
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    s3: S3Config = field(default_factory=S3Config)
+    version: str = ""  # package version, filled in when the run is resolved
+
+
+@dataclass
+class IngestConfig:
+    """Settings of ``jobs/ingest.py``."""
+
+    source: str = "sklearn-digits"  # dir | .zip | s3://prefix | idx:DIR | sklearn-digits
+    output: str = "data/digits"  # Parquet shards dir or s3:// prefix
+    labels_from_folders: bool = False  # label = name of the image's parent folder
+    overwrite: bool = False  # replace a complete output
+    rows_per_file: int = 10_000  # shard size
+    row_group_size: int = 1_000  # bounded row groups so readers stream
+    max_pixels: int = 64_000_000  # larger images are rejected as absurd
+    s3: S3Config = field(default_factory=S3Config)
+
+
+# --------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with type checks that name the field.
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, where)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: must be {_type_name(tp)}; got {value!r}")
+        return value
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(items)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: must be true or false; got {value!r}")
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: must be an integer; got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{where}: must be {_type_name(tp)}; got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a mapping; got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown key; allowed keys here: {', '.join(names)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"train.lr=0.01"`` -> ``{"train": {"lr": 0.01}}`` (the value is parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({exc})") from exc
+    return _nested(key, value)
+
+
+def resolve(
+    cls: type,
+    yaml_path: str | None = None,
+    overrides: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+) -> Any:
+    """Defaults, then ``yaml_path``, then ``flags`` (dotted keys), then ``--set`` overrides."""
+    merged: dict[str, Any] = dataclasses.asdict(cls())
+    if yaml_path:
+        try:
+            with open(yaml_path) as fh:
+                loaded = yaml.safe_load(fh) or {}
+        except OSError as exc:
+            raise ConfigError(f"--config {yaml_path}: cannot read ({exc.strerror})") from exc
+        merged = _deep_merge(merged, loaded if isinstance(loaded, dict) else {"": loaded})
+    for key, value in (flags or {}).items():
+        if value is not None:
+            merged = _deep_merge(merged, _nested(key, value))
+    for text in overrides or []:
+        merged = _deep_merge(merged, parse_override(text))
+    cfg = from_dict(cls, merged)
+    validate(cfg)
+    return cfg
+
+
+def _nested(dotted: str, value: Any) -> dict[str, Any]:
+    """``("train.lr", 0.1)`` -> ``{"train": {"lr": 0.1}}``."""
+    node: dict[str, Any] = {}
+    cursor = node
+    *parents, leaf = dotted.strip().split(".")
+    for part in parents:
+        cursor = cursor.setdefault(part, {})
+    cursor[leaf] = value
+    return node
+
+
+# --------------------------------------------------------------------------------------------
+# Value checks beyond types.
+
+_POSITIVE_INT = [
+    "data.image_size", "data.max_pixels", "data.decode_batch_size", "model.feature_dim",
+    "cluster.k", "cluster.sync_every", "cluster.reseed_every", "cluster.reservoir_size",
+    "cluster.assign_batch_size", "train.epochs", "train.batch_size", "scale.workers",
+    "scale.assign_actors", "scale.checkpoint_every_steps",
+    "rows_per_file", "row_group_size", "max_pixels",
+]  # fmt: skip
+_NON_NEGATIVE = [
+    "cluster.max_staleness", "train.weight_decay", "train.warmup_epochs", "scale.max_failures",
+    "online.compactness_weight", "online.consistency_weight", "train.momentum",
+]  # fmt: skip
+_POSITIVE = ["train.lr", "online.temperature", "scale.cpus_per_worker",
+             "s3.connect_timeout_s", "s3.request_timeout_s"]  # fmt: skip
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not hasattr(cfg, part):
+            return None
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: Any) -> None:
+    """Range checks; each error names the field and what is allowed."""
+    for name in _POSITIVE_INT + _POSITIVE:
+        value = _get(cfg, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{name}: must be > 0; got {value!r}")
+    for name in _NON_NEGATIVE:
+        value = _get(cfg, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"{name}: must be >= 0; got {value!r}")
+    if isinstance(cfg, Config):
+        _validate_run(cfg)
+
+
+def _validate_run(cfg: Config) -> None:
+    if cfg.data.channels not in (1, 3):
+        raise ConfigError(f"data.channels: must be 1 or 3; got {cfg.data.channels}")
+    for name in ("mean", "std"):
+        values = getattr(cfg.data, name)
+        if len(values) not in (1, cfg.data.channels):
+            raise ConfigError(
+                f"data.{name}: needs 1 or data.channels={cfg.data.channels} values; got {values}"
+            )
+    if any(s <= 0 for s in cfg.data.std):
+        raise ConfigError(f"data.std: every value must be > 0; got {cfg.data.std}")
+    if cfg.cluster.k < 2:
+        raise ConfigError(f"cluster.k: must be >= 2; got {cfg.cluster.k}")
+    if not 0.0 <= cfg.cluster.drift_smoothing <= 1.0:
+        raise ConfigError(f"cluster.drift_smoothing: must be in [0, 1]; got {cfg.cluster.drift_smoothing}")
+    if not 0.0 <= cfg.cluster.reseed_ratio < 1.0:
+        raise ConfigError(f"cluster.reseed_ratio: must be in [0, 1); got {cfg.cluster.reseed_ratio}")
+    if cfg.train.batch_size % cfg.scale.workers:
+        raise ConfigError(
+            f"train.batch_size: must be divisible by scale.workers={cfg.scale.workers}; "
+            f"got {cfg.train.batch_size}"
+        )
+    if cfg.train.warmup_epochs >= cfg.train.epochs and cfg.train.epochs > 1:
+        raise ConfigError(
+            f"train.warmup_epochs: must be < train.epochs={cfg.train.epochs}; "
+            f"got {cfg.train.warmup_epochs}"
+        )
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    """The resolved config as YAML; ``resolve(type(cfg), that_file)`` gives ``cfg`` back."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,78 @@
+"""Shared fixtures: one local Ray cluster per session and a real S3 endpoint (moto server)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Set before Ray starts (RAY_NOTES: local cluster, tests and CI).
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-tests-"))
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from pipeline.config import S3Config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "datasets"
+TEST_KEY = "testing-key-id"
+TEST_SECRET = "testing-secret"  # moto accepts any credentials
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2,
+                 _node_ip_address="127.0.0.1")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible HTTP endpoint on 127.0.0.1, reached through the AWS chain."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                          "AWS_REGION", "AWS_DEFAULT_REGION")}
+    # Credentials come from the environment, i.e. the standard AWS chain, as in production.
+    os.environ.update(AWS_ACCESS_KEY_ID=TEST_KEY, AWS_SECRET_ACCESS_KEY=TEST_SECRET,
+                      AWS_REGION="us-east-1", AWS_DEFAULT_REGION="us-east-1")
+    yield f"http://{host}:{port}"
+    server.stop()
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket; returns (bucket name, S3Config pointing at the endpoint)."""
+    import boto3
+
+    name = "b-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
+                          aws_access_key_id=TEST_KEY, aws_secret_access_key=TEST_SECRET)
+    client.create_bucket(Bucket=name)
+    return name, S3Config(endpoint_url=s3_server, region="us-east-1")
+
+
+def shared_dataset(*parts: str) -> Path:
+    """Path into ../shared/datasets, or skip the test with the reason."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real dataset not available: {path} is absent (see ../shared/datasets)")
+    return path
