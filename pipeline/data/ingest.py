@@ -1,0 +1,202 @@
+"""Ingest: images from any source -> Parquet shards under the data contract (DESIGN §3).
+
+A Ray Data job: the driver enumerates the source, tasks fetch the original encoded bytes and
+check that each image decodes, good rows are written as Parquet shards with bounded row groups,
+bad ones go to ``_rejects/`` with their source path and reason, and ``_SUCCESS`` is written
+last. The output is staged and published whole, so a reader never sees a half-written ingest:
+
+* local output: staged in a hidden sibling folder, then swapped in with renames;
+* ``s3://`` output: staged under ``PREFIX/_staging-*/`` (ignored by Parquet readers), then
+  ``_SUCCESS`` is removed, the shards are copied in and ``_SUCCESS`` is written last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from pipeline.config import IngestConfig
+from pipeline.data import fs as fsx
+from pipeline.data.decode import DecodeError, decode_to_uint8
+from pipeline.data.fs import Location
+from pipeline.data.quarantine import read_rejects, write_rejects
+from pipeline.data.sources import Source, open_source
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+SUCCESS = "_SUCCESS"
+REJECTS = "_rejects"
+
+
+@dataclass
+class IngestResult:
+    """What an ingest produced (or found already complete)."""
+
+    output: str
+    rows: int
+    rejects: int
+    label_counts: dict[str, int]
+    skipped: bool
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.rows + self.rejects) / self.seconds if self.seconds > 0 else 0.0
+
+
+class FetchAndCheck:
+    """Ray Data UDF: refs -> (id, image bytes, label) rows; bad rows go to quarantine."""
+
+    def __init__(self, source: Source, rejects: Location, max_pixels: int):
+        self.source, self.rejects, self.max_pixels = source, rejects, max_pixels
+
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        ids = [str(i) for i in batch["id"]]
+        payloads = self.source.fetch(list(batch["ref"]))
+        good, bad_ids, bad_src, bad_reason = [], [], [], []
+        for row, (image_id, payload) in enumerate(zip(ids, payloads, strict=True)):
+            reason = payload if isinstance(payload, str) else self._check(payload)
+            if reason is None:
+                good.append(row)
+            else:
+                bad_ids.append(image_id)
+                bad_src.append(f"{self.source.uri}::{batch['ref'][row]}")
+                bad_reason.append(reason)
+        write_rejects(self.rejects, bad_ids, bad_src, bad_reason)
+        columns: dict[str, Any] = {
+            "id": pa.array([ids[r] for r in good], pa.string()),
+            "image": pa.array([payloads[r] for r in good], pa.binary()),
+        }
+        if "label" in batch:
+            columns["label"] = pa.array([batch["label"][r] for r in good])
+        return pa.table(columns)
+
+    def _check(self, data: bytes) -> str | None:
+        try:
+            decode_to_uint8(data, 3, self.max_pixels)
+            return None
+        except DecodeError as exc:
+            return str(exc)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a reject
+            return f"decode failed: {type(exc).__name__}: {exc}"
+
+
+def read_manifest(output: Location) -> dict[str, Any] | None:
+    """The ``_SUCCESS`` manifest of a complete ingest, or None."""
+    marker = output.join(SUCCESS)
+    if not fsx.exists(marker):
+        return None
+    return json.loads(fsx.read_bytes(marker))
+
+
+def ingest(cfg: IngestConfig) -> IngestResult:
+    """Run the ingest described by ``cfg``; a complete output is left alone unless overwrite."""
+    start = time.perf_counter()
+    output = fsx.locate(cfg.output, cfg.s3)
+    existing = _check_output(output, cfg.overwrite)
+    if existing is not None:
+        log.info("%s is already a complete ingest (%d rows); nothing to do "
+                 "(pass --overwrite to replace it)", cfg.output, existing["rows"])
+        return IngestResult(cfg.output, existing["rows"], existing["rejects"],
+                            existing["label_counts"], True, 0.0)
+    source = open_source(cfg.source, cfg.s3, cfg.labels_from_folders)
+    items = source.items()
+    log.info("ingesting %d images from %s into %s", len(items), cfg.source, cfg.output)
+    staging = _staging(output)
+    try:
+        _write_shards(source, items, staging, cfg)
+        manifest = _manifest(staging, cfg, time.perf_counter() - start)
+        _publish(staging, output, manifest)
+    finally:
+        fsx.remove_tree(staging)
+    return IngestResult(cfg.output, manifest["rows"], manifest["rejects"],
+                        manifest["label_counts"], False, time.perf_counter() - start)
+
+
+def _check_output(output: Location, overwrite: bool) -> dict[str, Any] | None:
+    manifest = read_manifest(output)
+    if manifest is not None and not overwrite:
+        return manifest
+    if manifest is None and not overwrite and fsx.walk(output):
+        raise fsx.StorageError(f"{output.uri} exists and is not a complete ingest (no {SUCCESS}); "
+                               "pass --overwrite to replace it")
+    return None
+
+
+def _staging(output: Location) -> Location:
+    tag = uuid.uuid4().hex[:8]
+    if output.is_s3:
+        return output.join(f"_staging-{tag}")
+    parent, name = os.path.split(output.path.rstrip("/"))
+    return Location(output.fs, os.path.join(parent, f".{name}.staging-{tag}"),
+                    os.path.join(parent, f".{name}.staging-{tag}"))
+
+
+def _write_shards(source: Source, items: list[dict[str, Any]], staging: Location,
+                  cfg: IngestConfig) -> None:
+    import ray.data
+
+    batch = 256
+    blocks = max(1, min(200, len(items) // batch))
+    ds: Any = ray.data.from_items(items, override_num_blocks=blocks)
+    ds = ds.map_batches(FetchAndCheck(source, staging.join(REJECTS), cfg.max_pixels),
+                        batch_size=batch, batch_format="numpy", num_cpus=1)
+    ds.write_parquet(staging.path, filesystem=staging.fs, min_rows_per_file=cfg.row_group_size,
+                     max_rows_per_file=cfg.rows_per_file, row_group_size=cfg.row_group_size)
+
+
+def _manifest(staging: Location, cfg: IngestConfig, seconds: float) -> dict[str, Any]:
+    files = [f.path for f in fsx.list_files(staging, (".parquet",))]
+    labels: Counter[str] = Counter()
+    rows = 0
+    if files:
+        dataset = pads.dataset(files, filesystem=staging.fs, format="parquet")
+        rows = dataset.count_rows()
+        if "label" in dataset.schema.names:
+            counts = pc.value_counts(dataset.to_table(columns=["label"]).column("label"))
+            labels.update({str(c["values"]): int(c["counts"]) for c in counts.to_pylist()})
+    rejects = read_rejects(staging.join(REJECTS)).num_rows
+    return {"schema_version": SCHEMA_VERSION, "rows": rows, "rejects": rejects,
+            "label_counts": dict(sorted(labels.items())), "source": cfg.source,
+            "files": len(files), "row_group_size": cfg.row_group_size,
+            "created_unix": time.time(), "ingest_seconds": round(seconds, 3)}
+
+
+def _publish(staging: Location, output: Location, manifest: dict[str, Any]) -> None:
+    fsx.write_bytes_atomic(staging.join(SUCCESS), json.dumps(manifest, indent=2).encode())
+    if output.is_s3:
+        _publish_s3(staging, output)
+        return
+    old = f"{output.path.rstrip('/')}.old-{uuid.uuid4().hex[:8]}"
+    if os.path.exists(output.path):
+        os.replace(output.path, old)
+    os.makedirs(os.path.dirname(output.path) or ".", exist_ok=True)
+    os.replace(staging.path, output.path)
+    if os.path.exists(old):
+        fsx.remove_tree(Location(output.fs, old, old))
+
+
+def _publish_s3(staging: Location, output: Location) -> None:
+    marker = output.join(SUCCESS)
+    if fsx.exists(marker):
+        output.fs.delete_file(marker.path)
+    staged = fsx.walk(staging)
+    for path in fsx.walk(output):
+        if not path.startswith(staging.path + "/"):
+            output.fs.delete_file(path)
+    for path in staged:
+        if not path.endswith("/" + SUCCESS):
+            rel = os.path.relpath(path, staging.path)
+            output.fs.copy_file(path, output.join(rel).path)
+    output.fs.copy_file(staging.join(SUCCESS).path, marker.path)
