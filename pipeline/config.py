@@ -83,6 +83,7 @@ class ClusterConfig:
     reseed_ratio: float = 0.05  # starved = recent count below this fraction of the largest
     reservoir_size: int = 4096  # recent features kept for reseeding starved clusters
     assign_batch_size: int = 512  # rows per forward in the assignment pass
+    persist_every: int = 20  # rounds between the server's restart-file writes
 
 
 @dataclass
@@ -106,6 +107,7 @@ class OnlineConfig:
     temperature: float = 0.1  # logits = -||f - c||^2 / temperature
     compactness_weight: float = 0.1  # pulls features towards their assigned centroid
     consistency_weight: float = 1.0  # two augmented views must agree (0 = off)
+    entropy_weight: float = 1.0  # log k - H(mean soft assignment): guards against collapse
     balance: bool = True  # weight samples by inverse cluster size (collapse guard)
     augment: bool = True  # random crops/affine for the second view
 
@@ -120,6 +122,15 @@ class ScaleConfig:
     assign_actors: int = 1  # model+centroids actors in the assignment pass
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     checkpoint_every_steps: int = 200  # also at every epoch end
+    collective_timeout_s: int = 600  # gloo/nccl timeout; the 1800 s default hides hangs
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for the fault-tolerance tests: real process deaths, once per run."""
+
+    kill_worker_at_step: int = -1  # rank 0 exits (os._exit) at this global step, once
+    kill_server_at_round: int = -1  # the centroid server exits at this version, once
 
 
 @dataclass
@@ -134,6 +145,7 @@ class Config:
     online: OnlineConfig = field(default_factory=OnlineConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     s3: S3Config = field(default_factory=S3Config)
+    debug: DebugConfig = field(default_factory=DebugConfig)
     version: str = ""  # package version, filled in when the run is resolved
 
 
@@ -274,13 +286,13 @@ def _nested(dotted: str, value: Any) -> dict[str, Any]:
 _POSITIVE_INT = [
     "data.image_size", "data.max_pixels", "data.decode_batch_size", "model.feature_dim",
     "cluster.k", "cluster.sync_every", "cluster.reseed_every", "cluster.reservoir_size",
-    "cluster.assign_batch_size", "train.epochs", "train.batch_size", "scale.workers",
-    "scale.assign_actors", "scale.checkpoint_every_steps",
+    "cluster.assign_batch_size", "cluster.persist_every", "train.epochs", "train.batch_size", "scale.workers",
+    "scale.assign_actors", "scale.checkpoint_every_steps", "scale.collective_timeout_s",
     "rows_per_file", "row_group_size", "max_pixels",
 ]  # fmt: skip
 _NON_NEGATIVE = [
     "cluster.max_staleness", "train.weight_decay", "train.warmup_epochs", "scale.max_failures",
-    "online.compactness_weight", "online.consistency_weight", "train.momentum",
+    "online.compactness_weight", "online.consistency_weight", "online.entropy_weight", "train.momentum",
 ]  # fmt: skip
 _POSITIVE = ["train.lr", "online.temperature", "scale.cpus_per_worker",
              "s3.connect_timeout_s", "s3.request_timeout_s"]  # fmt: skip
@@ -330,9 +342,9 @@ def _validate_run(cfg: Config) -> None:
             f"train.batch_size: must be divisible by scale.workers={cfg.scale.workers}; "
             f"got {cfg.train.batch_size}"
         )
-    if cfg.train.warmup_epochs >= cfg.train.epochs and cfg.train.epochs > 1:
+    if cfg.train.warmup_epochs > cfg.train.epochs:
         raise ConfigError(
-            f"train.warmup_epochs: must be < train.epochs={cfg.train.epochs}; "
+            f"train.warmup_epochs: must be <= train.epochs={cfg.train.epochs}; "
             f"got {cfg.train.warmup_epochs}"
         )
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -29,13 +27,13 @@ from pipeline.config import IngestConfig
 from pipeline.data import fs as fsx
 from pipeline.data.decode import DecodeError, decode_to_uint8
 from pipeline.data.fs import Location
+from pipeline.data.publish import SUCCESS, publish, staging_for
 from pipeline.data.quarantine import read_rejects, write_rejects
 from pipeline.data.sources import Source, open_source
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-SUCCESS = "_SUCCESS"
 REJECTS = "_rejects"
 
 
@@ -113,11 +111,11 @@ def ingest(cfg: IngestConfig) -> IngestResult:
     source = open_source(cfg.source, cfg.s3, cfg.labels_from_folders)
     items = source.items()
     log.info("ingesting %d images from %s into %s", len(items), cfg.source, cfg.output)
-    staging = _staging(output)
+    staging = staging_for(output)
     try:
         _write_shards(source, items, staging, cfg)
         manifest = _manifest(staging, cfg, time.perf_counter() - start)
-        _publish(staging, output, manifest)
+        publish(staging, output, json.dumps(manifest, indent=2).encode())
     finally:
         fsx.remove_tree(staging)
     return IngestResult(cfg.output, manifest["rows"], manifest["rejects"],
@@ -132,15 +130,6 @@ def _check_output(output: Location, overwrite: bool) -> dict[str, Any] | None:
         raise fsx.StorageError(f"{output.uri} exists and is not a complete ingest (no {SUCCESS}); "
                                "pass --overwrite to replace it")
     return None
-
-
-def _staging(output: Location) -> Location:
-    tag = uuid.uuid4().hex[:8]
-    if output.is_s3:
-        return output.join(f"_staging-{tag}")
-    parent, name = os.path.split(output.path.rstrip("/"))
-    return Location(output.fs, os.path.join(parent, f".{name}.staging-{tag}"),
-                    os.path.join(parent, f".{name}.staging-{tag}"))
 
 
 def _write_shards(source: Source, items: list[dict[str, Any]], staging: Location,
@@ -171,32 +160,3 @@ def _manifest(staging: Location, cfg: IngestConfig, seconds: float) -> dict[str,
             "label_counts": dict(sorted(labels.items())), "source": cfg.source,
             "files": len(files), "row_group_size": cfg.row_group_size,
             "created_unix": time.time(), "ingest_seconds": round(seconds, 3)}
-
-
-def _publish(staging: Location, output: Location, manifest: dict[str, Any]) -> None:
-    fsx.write_bytes_atomic(staging.join(SUCCESS), json.dumps(manifest, indent=2).encode())
-    if output.is_s3:
-        _publish_s3(staging, output)
-        return
-    old = f"{output.path.rstrip('/')}.old-{uuid.uuid4().hex[:8]}"
-    if os.path.exists(output.path):
-        os.replace(output.path, old)
-    os.makedirs(os.path.dirname(output.path) or ".", exist_ok=True)
-    os.replace(staging.path, output.path)
-    if os.path.exists(old):
-        fsx.remove_tree(Location(output.fs, old, old))
-
-
-def _publish_s3(staging: Location, output: Location) -> None:
-    marker = output.join(SUCCESS)
-    if fsx.exists(marker):
-        output.fs.delete_file(marker.path)
-    staged = fsx.walk(staging)
-    for path in fsx.walk(output):
-        if not path.startswith(staging.path + "/"):
-            output.fs.delete_file(path)
-    for path in staged:
-        if not path.endswith("/" + SUCCESS):
-            rel = os.path.relpath(path, staging.path)
-            output.fs.copy_file(path, output.join(rel).path)
-    output.fs.copy_file(staging.join(SUCCESS).path, marker.path)

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bench <name> [--quick]`` writes bench/results/<name>.json."""

@@ -1,0 +1,125 @@
+"""Clustering quality on the MNIST test split: ``online`` (drift compensation on and off)
+against k-means on raw pixels, all measured in this one run.
+
+    python -m bench quality            # full run (README results table)
+    python -m bench quality --quick    # < 3 min: fewer epochs, same headline metric
+
+For each ``online`` run it also measures how far the online centroids are from exact k-means
+on the final features: inertia(online centroids) / inertia(faiss k-means) - 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from bench.common import REPO, SHARED, need, write_result
+
+WORK = REPO / "work" / "bench"
+
+
+def raw_pixel_kmeans(seed: int = 0) -> dict[str, Any]:
+    """k-means (k=10, 10 restarts) on the 784 raw pixels scaled to [0, 1]."""
+    from sklearn.cluster import KMeans
+
+    from pipeline.data.sources import read_idx
+    from pipeline.metrics import score
+
+    mnist = SHARED / "mnist"
+    x = read_idx(str(mnist / "t10k-images-idx3-ubyte.gz")).reshape(10000, -1) / 255.0
+    y = read_idx(str(mnist / "t10k-labels-idx1-ubyte.gz"))
+    start = time.perf_counter()
+    pred = KMeans(10, n_init=10, random_state=seed).fit_predict(x.astype(np.float32))
+    return {**score(y, pred), "wall_s": round(time.perf_counter() - start, 2)}
+
+
+def ingest_mnist() -> str:
+    from pipeline.config import IngestConfig
+    from pipeline.data.ingest import ingest
+
+    out = str(WORK / "mnist")
+    ingest(IngestConfig(source=f"idx:{need(SHARED / 'mnist')}", output=out))
+    return out
+
+
+def final_features(run_dir: str, shards: str) -> np.ndarray:
+    """Embed every MNIST image with the run's final model, in this process: (n, d)."""
+    import pyarrow.dataset as pads
+    import torch
+
+    from pipeline.config import Config, resolve
+    from pipeline.data.decode import decode_batch, normalize
+    from pipeline.data.reader import decode_spec
+    from pipeline.distributed.assign import load_model, model_arch
+    from pipeline.run import RunPaths, load_trained
+    from pipeline.data import fs as fsx
+
+    cfg = resolve(Config, os.path.join(run_dir, "config.yaml"))
+    trained = load_trained(RunPaths(fsx.locate(run_dir)))
+    model = load_model(trained.model_bytes, model_arch(cfg), torch.device("cpu"))
+    spec = decode_spec(cfg)
+    feats = []
+    for batch in pads.dataset(shards, format="parquet").to_batches(columns=["image"],
+                                                                   batch_size=1000):
+        pixels = normalize(decode_batch(batch.column("image").to_pylist(), spec).pixels, spec)
+        with torch.inference_mode():
+            feats.append(model(pixels).numpy())
+    return np.concatenate(feats)
+
+
+def centroid_gap(run_dir: str, shards: str, k: int) -> dict[str, float]:
+    from pipeline.kmeans.reference import faiss_kmeans, inertia
+
+    feats = final_features(run_dir, shards).astype(np.float32)
+    online = np.load(os.path.join(run_dir, "centroids.npy"))
+    exact = faiss_kmeans(feats, k, niter=50, seed=0)
+    i_online, i_exact = inertia(feats, online), inertia(feats, exact)
+    return {"inertia_online": i_online, "inertia_exact": i_exact,
+            "inertia_gap": i_online / i_exact - 1.0}
+
+
+def online_run(shards: str, name: str, epochs: int, drift: bool) -> dict[str, Any]:
+    from pipeline.config import Config, resolve
+    from pipeline.run import run
+
+    out = str(WORK / "runs" / name)
+    from pipeline.data import fs as fsx
+
+    fsx.remove_tree(fsx.locate(out))  # a benchmark measures a fresh run
+    cfg = resolve(Config, None, [f"cluster.drift_compensation={str(drift).lower()}"],
+                  {"data.input": shards, "data.output": out, "train.epochs": epochs,
+                   "cluster.k": 10})
+    metrics = run(cfg)
+    keys = ("nmi", "acc", "ari", "wall_s", "images_per_s", "inertia")
+    return {**{k: metrics[k] for k in keys}, **centroid_gap(out, shards, 10)}
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench quality")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--epochs", type=int, default=None)
+    args = p.parse_args(argv)
+    epochs = args.epochs or (3 if args.quick else 15)
+    from pipeline.distributed.runtime import init_ray
+
+    init_ray(num_cpus=os.cpu_count())
+    shards = ingest_mnist()
+    raw = raw_pixel_kmeans()
+    runs = {"drift_on": online_run(shards, "online-drift-on", epochs, True)}
+    if not args.quick:
+        runs["drift_off"] = online_run(shards, "online-drift-off", epochs, False)
+    best = runs["drift_on"]
+    headline = {"name": "mnist_online_nmi", "value": round(best["nmi"], 4), "target": 0.90,
+                "meets": best["nmi"] >= 0.90,
+                "floor": round(raw["nmi"] + 0.15, 4), "meets_floor": best["nmi"] >= raw["nmi"] + 0.15}
+    path = write_result("quality", headline, {"dataset": "mnist-test-10k", "epochs": epochs,
+                                              "raw_pixel_kmeans": raw, "online": runs,
+                                              "quick": args.quick})
+    print(f"quality: online NMI {best['nmi']:.4f} ACC {best['acc']:.4f} "
+          f"({best['wall_s']:.0f} s) vs raw-pixel k-means NMI {raw['nmi']:.4f} "
+          f"ACC {raw['acc']:.4f}; target 0.90 -> {path}")
+    return 0

@@ -1,0 +1,60 @@
+"""Batched, on-device augmentation for two-view consistency (no Ray, no per-image Python).
+
+One random affine warp per image (rotation, scale, translation, optional horizontal flip) via
+``affine_grid``/``grid_sample``, then brightness/contrast jitter. Digits must not be flipped,
+so flipping is off unless asked for (natural images).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    rotate_deg: float = 15.0
+    scale: tuple[float, float] = (0.85, 1.1)
+    translate: float = 0.1  # fraction of the image side
+    flip: bool = False
+    brightness: float = 0.2
+    contrast: float = 0.2
+
+
+def random_affine(x: torch.Tensor, spec: AugmentSpec, gen: torch.Generator | None = None
+                  ) -> torch.Tensor:
+    """x float (n, C, H, W) -> warped (n, C, H, W), zero padding in normalised space."""
+    n, dev = x.shape[0], x.device
+    u = torch.rand(n, 4, generator=gen).to(dev)
+    angle = (u[:, 0] * 2 - 1) * math.radians(spec.rotate_deg)
+    scale = spec.scale[0] + u[:, 1] * (spec.scale[1] - spec.scale[0])
+    shift = (u[:, 2:] * 2 - 1) * spec.translate * 2
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
+                         torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    if spec.flip:
+        flips = (torch.rand(n, generator=gen) < 0.5).to(dev)
+        theta[flips, :, 0] *= -1
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    background = x.amin(dim=(1, 2, 3), keepdim=True)
+    out = F.grid_sample(x - background, grid, align_corners=False, padding_mode="zeros")
+    return out + background
+
+
+def jitter(x: torch.Tensor, spec: AugmentSpec, gen: torch.Generator | None = None
+           ) -> torch.Tensor:
+    """Per-image brightness shift and contrast scale around the image mean."""
+    n = x.shape[0]
+    b = ((torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * spec.brightness).to(x.device)
+    c = (1 + (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * spec.contrast).to(x.device)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) * c + mean + b
+
+
+def augment(x: torch.Tensor, spec: AugmentSpec, gen: torch.Generator | None = None
+            ) -> torch.Tensor:
+    """One random view of a batch of normalised images, float (n, C, H, W)."""
+    return jitter(random_affine(x, spec, gen), spec, gen)

@@ -1,0 +1,234 @@
+"""Ray Train wiring of the ``online`` method: TorchTrainer, DDP, checkpoints, resume.
+
+``train_loop_per_worker`` is the function every Ray Train worker runs; ``fit`` is the driver
+side. The method itself (:mod:`pipeline.methods.online`) knows nothing of Ray: this module
+hands it batches from the worker's dataset shard and a :class:`RemoteStore` client of the
+centroid server, and turns its progress into ``ray.train.report`` calls with checkpoints.
+
+Checkpoints (``--output/checkpoints``, local or S3) hold the model, the optimiser, the
+centroid-server state and the step, so a restarted worker group (``FailureConfig``) or a
+re-run of the same command continues where it stopped (RAY_NOTES: Train).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import Config
+from pipeline.data import fs as fsx
+from pipeline.data.augment import AugmentSpec
+from pipeline.distributed.centroid_server import RemoteStore, fault_once
+from pipeline.distributed.runtime import pin_threads
+from pipeline.kmeans.state_io import pack_state, unpack_state
+from pipeline.methods.online import OnlineLossSpec, OnlineWorker, make_optimizer
+from pipeline.models.backbones import build_embedder
+from pipeline.models.weights import save_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOutcome:
+    """What the driver gets back: final weights, centroids and the per-epoch history."""
+
+    model_bytes: bytes
+    centroids: np.ndarray
+    history: list[dict[str, float]]
+    checkpoint_path: str | None
+
+
+def loss_spec(cfg: Config) -> OnlineLossSpec:
+    o = cfg.online
+    return OnlineLossSpec(o.temperature, o.compactness_weight, o.consistency_weight,
+                          o.entropy_weight, o.balance)
+
+
+def augment_spec(cfg: Config) -> AugmentSpec | None:
+    if not cfg.online.augment:
+        return None
+    return AugmentSpec(flip=cfg.data.channels == 3)
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoint files (a plain directory; Ray Train uploads it to the run's storage).
+
+
+def write_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     store_state: dict[str, Any], meta: dict[str, Any]) -> None:
+    with open(os.path.join(path, "model.safetensors"), "wb") as fh:
+        fh.write(save_bytes(model))
+    torch.save(optimizer.state_dict(), os.path.join(path, "optimizer.pt"))
+    with open(os.path.join(path, "centroid_server.npz"), "wb") as fh:
+        fh.write(pack_state(store_state))
+    with open(os.path.join(path, "meta.json"), "w") as fh:
+        json.dump(meta, fh)
+
+
+def read_checkpoint(path: str) -> tuple[bytes, dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """-> (model safetensors bytes, optimiser state, store state, meta)."""
+    with open(os.path.join(path, "model.safetensors"), "rb") as fh:
+        model_bytes = fh.read()
+    optim = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
+    with open(os.path.join(path, "centroid_server.npz"), "rb") as fh:
+        store_state = unpack_state(fh.read())
+    with open(os.path.join(path, "meta.json")) as fh:
+        meta = json.load(fh)
+    return model_bytes, optim, store_state, meta
+
+
+# ------------------------------------------------------------------------------------------
+# Worker side.
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    inner = getattr(model, "module", model)
+    assert isinstance(inner, torch.nn.Module)
+    return inner
+
+
+class _Reporter:
+    """Reports metrics (and, from rank 0, a checkpoint) identically on every rank."""
+
+    def __init__(self, worker: OnlineWorker, cfg: Config, rank: int):
+        self.worker, self.cfg, self.rank = worker, cfg, rank
+
+    def __call__(self, metrics: dict[str, Any], epoch: int, batch_in_epoch: int) -> None:
+        import ray.train
+
+        self.worker.flush()
+        store = self.worker.store
+        assert isinstance(store, RemoteStore)
+        state = store.state() if self.rank == 0 else None
+        if self.rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        meta = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": self.worker.step,
+                "history": self.worker.history}
+        with tempfile.TemporaryDirectory() as tmp:
+            write_checkpoint(tmp, _unwrap(self.worker.model), self.worker.optimizer, state or {},
+                             meta)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _restore(worker: OnlineWorker, rank: int) -> tuple[int, int]:
+    """Load the latest checkpoint, if any; rank 0 re-seeds the server. -> (epoch, skip)."""
+    import ray.train
+    from safetensors.torch import load as st_load
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, 0
+    with checkpoint.as_directory() as path:
+        model_bytes, optim, store_state, meta = read_checkpoint(path)
+    _unwrap(worker.model).load_state_dict(st_load(model_bytes))
+    worker.optimizer.load_state_dict(optim)
+    worker.step, worker.history = meta["step"], meta["history"]
+    assert isinstance(worker.store, RemoteStore)
+    if rank == 0:
+        worker.store.load_state(store_state)
+    log.info("rank %d resumed at epoch %d, step %d", rank, meta["epoch"], meta["step"])
+    return meta["epoch"], meta["batch_in_epoch"]
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _build_worker(cfg: Config, server: tuple[str, str | None], rank: int) -> OnlineWorker:
+    import ray.train.torch
+
+    torch.manual_seed(cfg.train.seed)
+    model: torch.nn.Module = build_embedder(cfg.model.backbone, cfg.data.channels,
+                                            cfg.model.feature_dim, cfg.model.normalize_features)
+    model = ray.train.torch.prepare_model(model)
+    t = cfg.train
+    optimizer = make_optimizer(model, t.optimizer, t.lr, t.momentum, t.weight_decay)
+    return OnlineWorker(
+        model=model, optimizer=optimizer, store=RemoteStore.connect(*server),
+        loss_spec=loss_spec(cfg), augment_spec=augment_spec(cfg),
+        device=ray.train.torch.get_device(), drift_compensation=cfg.cluster.drift_compensation,
+        sync_every=cfg.cluster.sync_every, max_staleness=cfg.cluster.max_staleness, worker=rank,
+    )
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: ``config`` = {"cfg": Config, "server": (name, namespace),
+    "init_model": safetensors bytes or None}."""
+    import ray.train
+    from safetensors.torch import load as st_load
+
+    cfg: Config = config["cfg"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    pin_threads(cfg.scale.cpus_per_worker)
+    worker = _build_worker(cfg, config["server"], rank)
+    if config.get("init_model"):
+        _unwrap(worker.model).load_state_dict(st_load(config["init_model"]))
+    start_epoch, skip = _restore(worker, rank)
+    _barrier()
+    worker.refresh()
+    worker.base_round = worker.version - worker.step // worker.sync_every
+    shard = ray.train.get_dataset_shard("train")
+    report = _Reporter(worker, cfg, rank)
+    local_batch = cfg.train.batch_size // world
+    for epoch in range(start_epoch, cfg.train.epochs):
+        batches = (b["pixels"] for b in shard.iter_torch_batches(
+            batch_size=local_batch, drop_last=True, local_shuffle_buffer_size=4 * local_batch,
+            local_shuffle_seed=cfg.train.seed + epoch))
+
+        def on_step(i: int, epoch: int = epoch) -> None:
+            if rank == 0 and worker.step == cfg.debug.kill_worker_at_step:
+                fault_once(fsx.locate(cfg.data.output, cfg.s3).join("checkpoints",
+                                                                    "_fault-worker"))
+            if worker.step % cfg.scale.checkpoint_every_steps == 0:
+                report({"epoch": epoch, "step": worker.step}, epoch, i + 1)
+
+        parts = worker.run_epoch(batches, train_cnn=epoch >= cfg.train.warmup_epochs,
+                                 skip=skip, on_step=on_step)
+        skip = 0
+        worker.history.append({"epoch": epoch, **parts})
+        report({"epoch": epoch, "step": worker.step, **parts}, epoch + 1, 0)
+
+
+# ------------------------------------------------------------------------------------------
+# Driver side.
+
+
+def fit(cfg: Config, train_ds: Any, server: tuple[str, str | None], storage: Any,
+        init_model: bytes | None) -> TrainOutcome:
+    """Run (or resume) Ray Train for ``cfg`` with checkpoints under ``storage`` (Location)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources: dict[str, float] = {"CPU": cfg.scale.cpus_per_worker}
+    if cfg.scale.gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "server": server, "init_model": init_model},
+        scaling_config=ScalingConfig(num_workers=cfg.scale.workers, use_gpu=cfg.scale.gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name="train", storage_path=storage.path, storage_filesystem=storage.fs,
+            failure_config=FailureConfig(max_failures=cfg.scale.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": train_ds},
+        torch_config=TorchConfig(backend="nccl" if cfg.scale.gpu else "gloo",
+                                 timeout_s=cfg.scale.collective_timeout_s),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training under {storage.uri} finished without a checkpoint")
+    with result.checkpoint.as_directory() as path:
+        model_bytes, _, store_state, meta = read_checkpoint(path)
+    return TrainOutcome(model_bytes, np.asarray(store_state["centroids"], dtype=np.float32),
+                        meta["history"], result.checkpoint.path)

@@ -1,0 +1,277 @@
+"""``online``: joint CNN and mini-batch k-means with feature drift compensation.
+
+Hsu & Lin, "CNN-Based Joint Clustering and Representation Learning with Feature Drift
+Compensation for Large-Scale Image Data", IEEE TMM 2017 (arXiv:1705.07091).
+
+Per step, on a worker:
+
+1. ``f = model(x)`` for the clean batch x (n, C, H, W) -> f (n, d); assign each row to the
+   nearest of the current centroids C (k, d); the assignments are the pseudo-labels.
+2. Loss (DESIGN §5.1): inverse-cluster-size weighted cross-entropy of the logits
+   ``-||f - c||² / τ`` against the assignments, a compactness term (distance to the assigned
+   centroid), augmentation consistency (an augmented view must get the same assignment) and a
+   marginal-entropy balance term, ``log k - H(mean softmax)``, that guards against collapse.
+3. Backward and optimiser step; then re-embed x with the new weights, ``f'``, under no_grad.
+4. Push per-cluster sums/counts of f and drift sums of ``f' - f`` to the centroid store; it
+   applies the mini-batch update and shifts each centroid by its mean drift.
+
+Everything here is plain PyTorch against the :class:`CentroidClient` protocol: the in-process
+``CentroidStore`` and the Ray centroid server both satisfy it. No Ray imports.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.data.augment import AugmentSpec, augment
+from pipeline.kmeans.stats import assign, drift_stats, partial_stats
+
+log = logging.getLogger(__name__)
+
+
+class CentroidClient(Protocol):
+    """The centroid-server protocol (DESIGN §4)."""
+
+    def push(self, sums: np.ndarray, counts: np.ndarray, drift: np.ndarray | None = None,
+             drift_counts: np.ndarray | None = None, worker: int = 0, step: int = 0,
+             samples: np.ndarray | None = None) -> Any: ...
+
+    def pull(self, since_version: int = -1) -> tuple[int, np.ndarray] | None: ...
+
+
+@dataclass(frozen=True)
+class OnlineLossSpec:
+    """Loss weights; see :class:`pipeline.config.OnlineConfig` for the reasons."""
+
+    temperature: float = 0.1
+    compactness_weight: float = 0.1
+    consistency_weight: float = 1.0
+    entropy_weight: float = 1.0
+    balance: bool = True
+
+
+def sq_distances(f: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """f (n, d), c (k, d) -> squared euclidean distances (n, k), differentiable in f."""
+    return (f.pow(2).sum(1, keepdim=True) - 2 * f @ c.T + c.pow(2).sum(1)).clamp_min(0)
+
+
+def balance_weights(labels: torch.Tensor, k: int, on: bool) -> torch.Tensor:
+    """Per-sample weights ∝ 1 / (batch size of its cluster), mean 1 (collapse guard)."""
+    if not on:
+        return torch.ones_like(labels, dtype=torch.float32)
+    counts = torch.bincount(labels, minlength=k).float()
+    w = 1.0 / counts[labels]
+    return w / w.mean()
+
+
+def online_loss(f: torch.Tensor, f_aug: torch.Tensor | None, centroids: torch.Tensor,
+                spec: OnlineLossSpec) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Loss of one step. f, f_aug (n, d); centroids (k, d) -> (loss, labels (n,), parts)."""
+    k = centroids.shape[0]
+    d = sq_distances(f, centroids)
+    labels = d.detach().argmin(1)
+    w = balance_weights(labels, k, spec.balance)
+    logits = -d / spec.temperature
+    ce = (w * F.cross_entropy(logits, labels, reduction="none")).mean()
+    compact = (w * d.gather(1, labels[:, None])[:, 0]).mean()
+    mean_p = logits.softmax(1).mean(0)
+    balance = math.log(k) + (mean_p * mean_p.clamp_min(1e-12).log()).sum()
+    loss = ce + spec.compactness_weight * compact + spec.entropy_weight * balance
+    parts = {"ce": ce.item(), "compact": compact.item(), "balance": balance.item()}
+    if f_aug is not None and spec.consistency_weight > 0:
+        logits_aug = -sq_distances(f_aug, centroids) / spec.temperature
+        consistency = (w * F.cross_entropy(logits_aug, labels, reduction="none")).mean()
+        loss = loss + spec.consistency_weight * consistency
+        parts["consistency"] = consistency.item()
+    parts["loss"] = loss.item()
+    return loss, labels, parts
+
+
+@dataclass
+class StepStats:
+    """Summable statistics of one or more steps, ready to push to the centroid store."""
+
+    sums: torch.Tensor  # (k, d) float32
+    counts: torch.Tensor  # (k,) int64
+    drift: torch.Tensor  # (k, d) float32
+    drift_counts: torch.Tensor  # (k,) int64
+    samples: torch.Tensor  # (m, d) recent features for the reservoir
+    sqdist_sum: float = 0.0
+    n: int = 0
+
+    def add(self, other: StepStats) -> None:
+        self.sums += other.sums
+        self.counts += other.counts
+        self.drift += other.drift
+        self.drift_counts += other.drift_counts
+        self.samples = other.samples
+        self.sqdist_sum += other.sqdist_sum
+        self.n += other.n
+
+
+def kmeans_stats(f: torch.Tensor, centroids: torch.Tensor, f_new: torch.Tensor | None,
+                 n_samples: int = 32) -> StepStats:
+    """Assign f (n, d) to centroids (k, d) and collect sums, counts and drift (f_new - f)."""
+    k = centroids.shape[0]
+    labels, sqdist, _ = assign(f, centroids)
+    sums, counts = partial_stats(f, labels, k)
+    if f_new is None:
+        drift, drift_counts = torch.zeros_like(sums), torch.zeros_like(counts)
+    else:
+        drift, drift_counts = drift_stats(f, f_new, labels, k)
+    return StepStats(sums, counts, drift, drift_counts, f[:n_samples].detach().clone(),
+                     float(sqdist.sum()), int(f.shape[0]))
+
+
+@dataclass
+class OnlineWorker:
+    """One worker's training state: model, optimiser, local copy of the centroids.
+
+    ``train_cnn=False`` runs mini-batch k-means on frozen features (the warm-up epochs).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    store: CentroidClient
+    loss_spec: OnlineLossSpec
+    augment_spec: AugmentSpec | None
+    device: torch.device
+    drift_compensation: bool = True
+    sync_every: int = 1
+    max_staleness: int = 1
+    worker: int = 0
+    step: int = 0  # global step counter (all epochs)
+    version: int = -1
+    centroids: torch.Tensor | None = None
+    pending: StepStats | None = None
+    base_round: int = 0  # store version that corresponds to step 0 of this session
+    stall_timeout_s: float = 10.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def refresh(self, wait_for: int = -1) -> None:
+        """Pull newer centroids; block (polling) until the store reaches ``wait_for``.
+
+        Bounded staleness (``max_staleness`` rounds), as in stale-synchronous parameter
+        servers. If the store makes no progress for ``stall_timeout_s`` (it restarted from an
+        older state, or a peer's push was lost), the worker re-bases on the store's current
+        version instead of waiting forever.
+        """
+        deadline = time.monotonic() + self.stall_timeout_s
+        while True:
+            self._take(self.store.pull(self.version))
+            if self.version >= wait_for:
+                return
+            if time.monotonic() > deadline:
+                self._take(self.store.pull(-1))
+                log.warning("worker %d: centroid store stalled at version %d (wanted %d); "
+                            "re-basing", self.worker, self.version, wait_for)
+                self.base_round -= wait_for - self.version
+                return
+            time.sleep(0.001)
+
+    def _take(self, got: tuple[int, np.ndarray] | None) -> None:
+        if got is not None:
+            self.version = got[0]
+            self.centroids = torch.from_numpy(np.ascontiguousarray(got[1])).to(self.device)
+
+    def train_step(self, x: torch.Tensor, train_cnn: bool) -> dict[str, float]:
+        """One step on a clean batch x (n, C, H, W); returns loss parts."""
+        rounds = self.step // self.sync_every
+        self.refresh(self.base_round + rounds - self.max_staleness)
+        assert self.centroids is not None
+        if train_cnn:
+            stats, parts = self._cnn_step(x)
+        else:
+            with torch.no_grad():
+                f = self.model(x)
+            stats, parts = kmeans_stats(f, self.centroids, None), {}
+        self._accumulate(stats)
+        parts["sqdist"] = stats.sqdist_sum / max(1, stats.n)
+        self.step += 1
+        return parts
+
+    def _cnn_step(self, x: torch.Tensor) -> tuple[StepStats, dict[str, float]]:
+        assert self.centroids is not None
+        self.model.train()
+        f = self.model(x)
+        f_aug = None
+        if self.augment_spec is not None and self.loss_spec.consistency_weight > 0:
+            f_aug = self.model(augment(x, self.augment_spec))
+        loss, _, parts = online_loss(f, f_aug, self.centroids, self.loss_spec)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        f_new = None
+        if self.drift_compensation:
+            with torch.no_grad():
+                f_new = self.model(x)
+        return kmeans_stats(f.detach(), self.centroids, f_new), parts
+
+    def _accumulate(self, stats: StepStats) -> None:
+        if self.pending is None:
+            self.pending = stats
+        else:
+            self.pending.add(stats)
+        if self.step % self.sync_every == self.sync_every - 1:
+            self.flush()
+
+    def flush(self) -> None:
+        """Push the accumulated statistics as one round (asynchronous for remote stores)."""
+        if self.pending is None:
+            return
+        p, self.pending = self.pending, None
+        self.store.push(p.sums.cpu().numpy(), p.counts.cpu().numpy(), p.drift.cpu().numpy(),
+                        p.drift_counts.cpu().numpy(), self.worker, self.step // self.sync_every,
+                        p.samples.cpu().numpy())
+
+    def run_epoch(self, batches: Iterable[torch.Tensor], train_cnn: bool, skip: int = 0,
+                  on_step: Callable[[int], None] | None = None) -> dict[str, float]:
+        """Train over ``batches`` (float (n, C, H, W) each); mean loss parts of the epoch.
+
+        ``skip`` batches are consumed without training (resuming inside an epoch);
+        ``on_step(batch_index)`` runs after every trained step (checkpoint hooks).
+        """
+        totals: dict[str, float] = {"images": 0.0}
+        n, start = 0, time.perf_counter()
+        for i, x in enumerate(batches):
+            if i < skip:
+                continue
+            parts = self.train_step(x.to(self.device, non_blocking=True), train_cnn)
+            for key, value in parts.items():
+                totals[key] = totals.get(key, 0.0) + value
+            totals["images"] += x.shape[0]
+            n += 1
+            if on_step is not None:
+                on_step(i)
+        self.flush()
+        out = {key: value / max(1, n) for key, value in totals.items() if key != "images"}
+        out["images"] = totals["images"]
+        out["images_per_s"] = totals["images"] / max(1e-9, time.perf_counter() - start)
+        return out
+
+
+def initial_centroids(model: nn.Module, images: torch.Tensor) -> np.ndarray:
+    """Features of k random images (k, C, H, W) -> initial centroids (k, d) float32."""
+    model.train()  # batch statistics: a fresh model's running BN stats are meaningless
+    with torch.no_grad():
+        return model(images).float().cpu().numpy()
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)

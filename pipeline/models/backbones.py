@@ -1,0 +1,83 @@
+"""Backbones and the embedding model shared by every method.
+
+* ``small_cnn``: a 4-block conv net for 28-32 px images (MNIST, CIFAR-10, digits).
+* ``resnet18`` / ``resnet50``: torchvision ResNets (He et al. 2016) with random initialisation,
+  or weights from a local path or URI the user gives (never a hub download).
+
+The :class:`Embedder` maps images (n, C, H, W) to features (n, feature_dim), L2-normalised by
+default. No Ray imports here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import models as tvm
+
+
+def _block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True),
+        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True),
+    )
+
+
+class SmallCNN(nn.Module):
+    """(n, C, 28..32, 28..32) -> (n, 256) trunk features; a VGG-style net for small images."""
+
+    out_dim = 256
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+        self.features = nn.Sequential(
+            _block(in_channels, 64), nn.MaxPool2d(2),
+            _block(64, 128), nn.MaxPool2d(2),
+            _block(128, 256), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+def resnet_trunk(name: str, in_channels: int) -> tuple[nn.Module, int]:
+    """torchvision ResNet without its classifier: (n, C, H, W) -> (n, 512 | 2048)."""
+    net = getattr(tvm, name)(weights=None)
+    if in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    out_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, out_dim
+
+
+class Embedder(nn.Module):
+    """Backbone + projection head: images (n, C, H, W) -> features (n, feature_dim).
+
+    The head is Linear-BN-ReLU-Linear, as in SimCLR/SwAV projection heads; ``normalize``
+    puts features on the unit sphere so squared distances lie in [0, 4].
+    """
+
+    def __init__(self, trunk: nn.Module, trunk_dim: int, feature_dim: int, normalize: bool):
+        super().__init__()
+        self.trunk, self.normalize = trunk, normalize
+        self.head = nn.Sequential(
+            nn.Linear(trunk_dim, trunk_dim), nn.BatchNorm1d(trunk_dim), nn.ReLU(True),
+            nn.Linear(trunk_dim, feature_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.head(self.trunk(x))
+        return F.normalize(z, dim=1) if self.normalize else z
+
+
+def build_embedder(backbone: str, in_channels: int, feature_dim: int,
+                   normalize: bool = True) -> Embedder:
+    """Build the model for ``backbone`` in {"small_cnn", "resnet18", "resnet50"}."""
+    if backbone == "small_cnn":
+        trunk: nn.Module = SmallCNN(in_channels)
+        trunk_dim = SmallCNN.out_dim
+    elif backbone in ("resnet18", "resnet50"):
+        trunk, trunk_dim = resnet_trunk(backbone, in_channels)
+    else:
+        raise ValueError(f"model.backbone: unknown backbone {backbone!r}")
+    return Embedder(trunk, trunk_dim, feature_dim, normalize)
