@@ -111,7 +111,7 @@ def _train_stage(cfg: Config, input_uri: str, paths: RunPaths) -> TrainedModel:
 
 
 def _save_trained(cfg: Config, trained: TrainedModel, paths: RunPaths) -> None:
-    from pipeline.distributed.assign import model_arch
+    from pipeline.models.arch import model_arch
 
     buf = io.BytesIO()
     np.save(buf, trained.centroids.astype(np.float32))

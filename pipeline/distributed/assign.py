@@ -12,28 +12,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
 
 from pipeline.config import Config
 from pipeline.data.fs import Location
 from pipeline.data.reader import decode_spec, read_images
 from pipeline.distributed.runtime import pin_threads
 from pipeline.kmeans.stats import assign
-from pipeline.models.backbones import build_embedder
-
-
-def model_arch(cfg: Config) -> dict[str, Any]:
-    """Everything needed to rebuild the model (saved as ``model/model.json``)."""
-    return {"backbone": cfg.model.backbone, "in_channels": cfg.data.channels,
-            "feature_dim": cfg.model.feature_dim, "normalize": cfg.model.normalize_features,
-            "image_size": cfg.data.image_size, "mean": cfg.data.mean, "std": cfg.data.std}
-
-
-def load_model(model_bytes: bytes, arch: dict[str, Any], device: torch.device) -> torch.nn.Module:
-    model = build_embedder(arch["backbone"], arch["in_channels"], arch["feature_dim"],
-                           arch["normalize"])
-    model.load_state_dict(st_load(model_bytes))
-    return model.to(device).eval()
+from pipeline.models.arch import load_model, model_arch
 
 
 class AssignActor:
@@ -46,7 +31,7 @@ class AssignActor:
         self.model = load_model(model_bytes, arch, self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.centroids = torch.from_numpy(centroids).to(self.device)
+        self.centroids = torch.from_numpy(np.array(centroids, np.float32)).to(self.device)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         x = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device)

@@ -13,7 +13,7 @@ from pipeline.data.reader import decode_spec, read_images
 from pipeline.distributed.centroid_server import create_server
 from pipeline.distributed.train import fit
 from pipeline.methods.online import initial_centroids
-from pipeline.models.backbones import build_embedder
+from pipeline.models.arch import build_model
 from pipeline.models.weights import save_bytes
 
 if TYPE_CHECKING:
@@ -32,8 +32,7 @@ def store_kwargs(cfg: Config) -> dict[str, Any]:
 def initial_model(cfg: Config) -> torch.nn.Module:
     """The seeded initial model (workers build the same one; DDP also broadcasts rank 0's)."""
     torch.manual_seed(cfg.train.seed)
-    model = build_embedder(cfg.model.backbone, cfg.data.channels, cfg.model.feature_dim,
-                           cfg.model.normalize_features)
+    model = build_model(cfg)
     if cfg.model.weights:
         from pipeline.models.loading import load_pretrained
 
@@ -61,6 +60,8 @@ def train_online(cfg: Config, input_uri: str, paths: RunPaths) -> TrainedModel:
 
     images = read_images(input_uri, decode_spec(cfg), s3=cfg.s3,
                          batch_size=cfg.data.decode_batch_size).select_columns(["pixels"])
+    if cfg.data.cache_decoded:
+        images = images.materialize()
     model = initial_model(cfg)
     init = sample_centroids(cfg, images, model)
     namespace = ray.get_runtime_context().namespace

@@ -29,7 +29,7 @@ from pipeline.distributed.centroid_server import RemoteStore, fault_once
 from pipeline.distributed.runtime import pin_threads
 from pipeline.kmeans.state_io import pack_state, unpack_state
 from pipeline.methods.online import OnlineLossSpec, OnlineWorker, make_optimizer
-from pipeline.models.backbones import build_embedder
+from pipeline.models.arch import build_model
 from pipeline.models.weights import save_bytes
 
 log = logging.getLogger(__name__)
@@ -147,8 +147,7 @@ def _build_worker(cfg: Config, server: tuple[str, str | None], rank: int) -> Onl
     import ray.train.torch
 
     torch.manual_seed(cfg.train.seed)
-    model: torch.nn.Module = build_embedder(cfg.model.backbone, cfg.data.channels,
-                                            cfg.model.feature_dim, cfg.model.normalize_features)
+    model: torch.nn.Module = build_model(cfg)
     model = ray.train.torch.prepare_model(model)
     t = cfg.train
     optimizer = make_optimizer(model, t.optimizer, t.lr, t.momentum, t.weight_decay)
@@ -169,7 +168,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg: Config = config["cfg"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    pin_threads(cfg.scale.cpus_per_worker)
+    pin_threads(cfg.scale.threads_per_worker or cfg.scale.cpus_per_worker)
     worker = _build_worker(cfg, config["server"], rank)
     if config.get("init_model"):
         _unwrap(worker.model).load_state_dict(st_load(config["init_model"]))
