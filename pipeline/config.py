@@ -251,9 +251,12 @@ def resolve(
     yaml_path: str | None = None,
     overrides: list[str] | None = None,
     flags: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
 ) -> Any:
-    """Defaults, then ``yaml_path``, then ``flags`` (dotted keys), then ``--set`` overrides."""
+    """Defaults, ``base`` (dotted keys), ``yaml_path``, ``flags`` (dotted), ``--set`` overrides."""
     merged: dict[str, Any] = dataclasses.asdict(cls())
+    for key, value in (base or {}).items():
+        merged = _deep_merge(merged, _nested(key, value))
     if yaml_path:
         try:
             with open(yaml_path) as fh:
