@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-NAMES = ("quality",)
+NAMES = ("quality", "ingest")
 
 
 def main() -> int:

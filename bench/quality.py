@@ -20,6 +20,9 @@ import numpy as np
 from bench.common import REPO, SHARED, need, write_result
 
 WORK = REPO / "work" / "bench"
+# From scratch on a 2-core CPU: a narrow net (16-32-64 channels) at 28 px trains at ~700
+# images/s with both cores, and the decoded 10k images (31 MB) are cached in the object store.
+MNIST_SETTINGS = ["model.width=16", "data.cache_decoded=true", "scale.threads_per_worker=2"]
 
 
 def raw_pixel_kmeans(seed: int = 0) -> dict[str, Any]:
@@ -90,7 +93,8 @@ def online_run(shards: str, name: str, epochs: int, drift: bool) -> dict[str, An
     from pipeline.data import fs as fsx
 
     fsx.remove_tree(fsx.locate(out))  # a benchmark measures a fresh run
-    cfg = resolve(Config, None, [f"cluster.drift_compensation={str(drift).lower()}"],
+    settings = [f"cluster.drift_compensation={str(drift).lower()}", *MNIST_SETTINGS]
+    cfg = resolve(Config, None, settings,
                   {"data.input": shards, "data.output": out, "train.epochs": epochs,
                    "cluster.k": 10})
     metrics = run(cfg)
@@ -103,7 +107,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--epochs", type=int, default=None)
     args = p.parse_args(argv)
-    epochs = args.epochs or (3 if args.quick else 15)
+    epochs = args.epochs or (3 if args.quick else 20)
     from pipeline.distributed.runtime import init_ray
 
     init_ray(num_cpus=os.cpu_count())

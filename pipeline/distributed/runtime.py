@@ -1,7 +1,8 @@
 """Starting or joining a Ray cluster, and per-process thread limits.
 
 ``ray job submit`` sets ``RAY_ADDRESS`` for the driver, so jobs join that cluster; a plain
-``python jobs/...`` starts a private local cluster bound to 127.0.0.1 with no dashboard.
+``python jobs/...`` starts a private local cluster bound to 127.0.0.1 (dashboard included,
+also on 127.0.0.1).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ _LOCAL_DEFAULTS = {
 }
 
 
-def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
+def init_ray(num_cpus: int | None = None, address: str | None = None,
+             dashboard: bool = True) -> None:
     """Join ``address`` / ``RAY_ADDRESS`` if given, else start a local cluster."""
     import ray
 
@@ -29,8 +31,10 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=True, configure_logging=False)
+    # The dashboard (on 127.0.0.1 only) also serves the State API that Ray Train polls;
+    # without it every run logs "Failed to query Ray Train Controller actor state".
+    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+             _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)
 
 
 def pin_threads(n: float | int) -> None:

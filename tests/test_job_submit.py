@@ -1,0 +1,59 @@
+"""`ray job submit` of the main job against a real local head (RAY_NOTES: Dashboard and Jobs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.test_cluster_job import SMALL
+
+RAY = Path(sys.executable).with_name("ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    if not RAY.exists():
+        pytest.skip(f"ray CLI not found next to {sys.executable}")
+    temp = tempfile.mkdtemp(prefix="rayhead-")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    dash, gcs = free_port(), free_port()
+    subprocess.run([str(RAY), "start", "--head", "--num-cpus=2", f"--port={gcs}",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                    "--node-ip-address=127.0.0.1", f"--temp-dir={temp}", "--disable-usage-stats"],
+                   check=True, env=env, capture_output=True, timeout=120)
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run([str(RAY), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_the_main_job(ray_head, tmp_path):
+    address, env = ray_head
+    out = tmp_path / "run"
+    sets = [arg for s in SMALL for arg in ("--set", s)]
+    cmd = [str(RAY), "job", "submit", "--address", address, "--working-dir", ".", "--",
+           "python", "jobs/cluster_imagenet.py", "--output", str(out), "--epochs", "1",
+           "--set", "train.warmup_epochs=0", *sets]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_images"] == 1797 and metrics["method"] == "online"
+    assert (out / "assignments" / "_SUCCESS").exists() and (out / "model" / "model.json").exists()
