@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-NAMES = ("quality", "ingest")
+NAMES = ("quality", "ingest", "gpu_smoke")
 
 
 def main() -> int:

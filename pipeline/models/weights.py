@@ -52,9 +52,12 @@ def load_into(model: nn.Module, trunk: nn.Module, state: dict[str, torch.Tensor]
         model.load_state_dict(state)
         return "model"
     trunk_state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = trunk.load_state_dict(trunk_state, strict=False)
-    if len(missing) == len(trunk.state_dict()):
+    if not set(trunk_state) & set(trunk.state_dict()):
         raise WeightsError(f"{name}: no tensor matches the backbone (e.g. {next(iter(state))})")
+    try:
+        missing, unexpected = trunk.load_state_dict(trunk_state, strict=False)
+    except RuntimeError as exc:
+        raise WeightsError(f"{name}: does not fit the backbone ({exc})") from exc
     if missing or unexpected:
         log.warning("%s: %d missing and %d unexpected keys (e.g. %s)", name, len(missing),
                     len(unexpected), (list(missing) + list(unexpected))[:3])

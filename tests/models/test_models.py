@@ -1,0 +1,57 @@
+"""Backbones and safe weight loading (safetensors / weights-only, never arbitrary pickles)."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torchvision import models as tvm
+
+from pipeline.models.backbones import build_embedder
+from pipeline.models.loading import load_pretrained
+from pipeline.models.weights import WeightsError, save_bytes
+
+
+@pytest.mark.parametrize("backbone, channels, size", [("small_cnn", 1, 28), ("small_cnn", 3, 32),
+                                                      ("resnet18", 3, 64), ("resnet18", 1, 32)])
+def test_embedder_shapes_and_unit_norm(backbone, channels, size):
+    model = build_embedder(backbone, channels, 24).eval()
+    with torch.no_grad():
+        f = model(torch.randn(4, channels, size, size))
+    assert f.shape == (4, 24)
+    assert torch.allclose(f.norm(dim=1), torch.ones(4), atol=1e-5)
+
+
+def test_torchvision_resnet_state_dict_loads_into_the_trunk(tmp_path):
+    reference = tvm.resnet18(weights=None)
+    path = tmp_path / "resnet18.pt"
+    torch.save(reference.state_dict(), path)  # a weights-only checkpoint incl. fc.*
+    model = build_embedder("resnet18", 3, 16)
+    assert load_pretrained(model, str(path)) == "trunk"
+    assert torch.equal(model.trunk.conv1.weight, reference.conv1.weight)
+
+
+def test_safetensors_whole_model_round_trip(tmp_path):
+    model = build_embedder("small_cnn", 1, 8)
+    (tmp_path / "m.safetensors").write_bytes(save_bytes(model))
+    other = build_embedder("small_cnn", 1, 8)
+    assert load_pretrained(other, str(tmp_path / "m.safetensors")) == "model"
+    for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_pickles_and_garbage_are_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"x": Evil()}))
+    with pytest.raises(WeightsError, match="weights-only"):
+        load_pretrained(build_embedder("small_cnn", 1, 8), str(tmp_path / "evil.pt"))
+    save_file({"unrelated": torch.zeros(3)}, tmp_path / "other.safetensors")
+    with pytest.raises(WeightsError, match="no tensor matches"):
+        load_pretrained(build_embedder("small_cnn", 1, 8), str(tmp_path / "other.safetensors"))
+    with pytest.raises(WeightsError, match="missing.pt"):
+        load_pretrained(build_embedder("small_cnn", 1, 8), str(tmp_path / "missing.pt"))
