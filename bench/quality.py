@@ -113,10 +113,10 @@ def main(argv: list[str]) -> int:
     init_ray(num_cpus=os.cpu_count())
     shards = ingest_mnist()
     raw = raw_pixel_kmeans()
-    runs = {"drift_on": online_run(shards, "online-drift-on", epochs, True)}
+    runs = {"drift_off": online_run(shards, "online-drift-off", epochs, False)}  # the default
     if not args.quick:
-        runs["drift_off"] = online_run(shards, "online-drift-off", epochs, False)
-    best = runs["drift_on"]
+        runs["drift_on"] = online_run(shards, "online-drift-on", epochs, True)
+    best = runs["drift_off"]
     headline = {"name": "mnist_online_nmi", "value": round(best["nmi"], 4), "target": 0.90,
                 "meets": best["nmi"] >= 0.90,
                 "floor": round(raw["nmi"] + 0.15, 4), "meets_floor": best["nmi"] >= raw["nmi"] + 0.15}
