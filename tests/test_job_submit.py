@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -30,18 +32,44 @@ def ray_head():
     if not RAY.exists():
         pytest.skip(f"ray CLI not found next to {sys.executable}")
     temp = tempfile.mkdtemp(prefix="rayhead-")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # `python` in the job's entrypoint must be this environment's, as in an activated venv.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": path}
     env.pop("RAY_ADDRESS", None)
     dash, gcs = free_port(), free_port()
-    subprocess.run([str(RAY), "start", "--head", "--num-cpus=2", f"--port={gcs}",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                    "--node-ip-address=127.0.0.1", f"--temp-dir={temp}", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True, timeout=120)
+    # --block keeps the head's processes in one process group that we own, so teardown stops
+    # exactly this cluster (`ray stop` would also kill the test session's own cluster).
+    head = subprocess.Popen(
+        [str(RAY), "start", "--head", "--block", "--num-cpus=2", f"--port={gcs}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         "--node-ip-address=127.0.0.1", f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
+        wait_for_dashboard(dash, head)
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        subprocess.run([str(RAY), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def wait_for_dashboard(port: int, head: subprocess.Popen, timeout_s: float = 120) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start --head exited with {head.returncode}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2)
+            return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"the Ray dashboard on 127.0.0.1:{port} did not come up")
 
 
 def test_ray_job_submit_runs_the_main_job(ray_head, tmp_path):
