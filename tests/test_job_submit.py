@@ -79,7 +79,12 @@ def test_ray_job_submit_runs_the_main_job(ray_head, tmp_path):
     cmd = [str(RAY), "job", "submit", "--address", address, "--working-dir", ".", "--",
            "python", "jobs/cluster_imagenet.py", "--output", str(out), "--epochs", "1",
            "--set", "train.warmup_epochs=0", *sets]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    for _ in range(20):  # the head's job agent comes up a few seconds after the dashboard
+        result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=600)
+        if "No available agent" not in result.stderr:
+            break
+        time.sleep(3)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())
