@@ -1,16 +1,19 @@
-"""Mini-batch k-means updates over summable statistics, reseeding, splitting, drift.
+"""Mini-batch k-means on summable statistics: update, drift, reseeding, splitting (numpy).
 
-* Update (Sculley 2010; scikit-learn's MiniBatchKMeans with unit weights): per-centroid
-  learning rate 1/count, ``c <- c + (S - n c) / (W + n)``, ``W <- W + n``. It is a running
-  mean, hence associative: applying the sum of two workers' statistics at once equals
-  applying them one after the other.
-* Starved clusters are moved to reservoir samples chosen k-means++ style (scikit-learn's
-  ``reassignment_ratio``); empty clusters of a full pass are split from a large donor with a
-  symmetric perturbation (faiss, DeepCluster).
+* Update (Sculley 2010, "Web-scale k-means clustering"; scikit-learn's ``MiniBatchKMeans``,
+  ``_minibatch_update_dense``, with unit sample weights): a per-centroid learning rate of
+  1/count, ``c ← c + (Σx − n·c)/(W + n)``, ``W ← W + n``. This is a running mean, so it is
+  associative: applying the sum of two workers' statistics at once equals applying the
+  statistics of one worker with their union.
 * Drift compensation (Hsu & Lin 2017): each centroid moves by the mean displacement of its
   members' features between the old and the new network weights.
+* Starved clusters are moved to reservoir samples chosen k-means++ style (the idea of
+  scikit-learn's ``reassignment_ratio``); empty clusters of a full pass are split off a large
+  donor with a small symmetric perturbation (faiss ``Clustering::train`` / ``split_clusters``,
+  DeepCluster, Caron et al. 2018).
 
-numpy only; float32 centroids (k, d), float64 weights (k,).
+Conventions: centroids float32 (k, d); weights float64 (k,); counts int (k,). Everything
+updates its arguments in place, so the same code runs inside the Ray centroid server.
 """
 
 from __future__ import annotations
@@ -22,97 +25,228 @@ import numpy as np
 
 def minibatch_update(centroids: np.ndarray, weights: np.ndarray, sums: np.ndarray,
                      counts: np.ndarray) -> None:
-    """In place: c_j += (S_j - n_j c_j) / (W_j + n_j); W_j += n_j, for clusters with n_j > 0."""
-    hit = counts > 0
+    """In place: ``c_j ← c_j + (S_j − n_j c_j)/(W_j + n_j)``, ``W_j ← W_j + n_j`` where n_j > 0.
+
+    Args:
+        centroids: float32 (k, d), updated in place.
+        weights: float64 (k,), the number of points each centroid has absorbed so far (W).
+        sums: (k, d) per-cluster sums S of the new points (any float dtype).
+        counts: (k,) per-cluster counts n of the new points.
+
+    Sculley 2010; identical to scikit-learn's ``MiniBatchKMeans`` with unit sample weights,
+    whose counts also start at 0 (the first batch replaces the init by its cluster means).
+    Computed in float64 and stored back in the centroids' dtype.
+    """
+    k, d = centroids.shape
+    if sums.shape != (k, d) or counts.shape != (k,):
+        raise ValueError(f"expected sums ({k}, {d}) and counts ({k},), "
+                         f"got {sums.shape} and {counts.shape}")
+    hit = np.flatnonzero(counts > 0)
+    if hit.size == 0:
+        return
     n = counts[hit].astype(np.float64)
     total = weights[hit] + n
     c = centroids[hit].astype(np.float64)
-    centroids[hit] = (c + (sums[hit] - n[:, None] * c) / total[:, None]).astype(centroids.dtype)
+    c += (sums[hit].astype(np.float64) - n[:, None] * c) / total[:, None]
+    centroids[hit] = c
     weights[hit] = total
 
 
 def apply_drift(centroids: np.ndarray, drift_sums: np.ndarray, drift_counts: np.ndarray,
                 smoothing: float) -> None:
-    """In place: c_j += smoothing * drift_sums_j / drift_counts_j where drift_counts_j > 0."""
-    hit = drift_counts > 0
-    if smoothing and hit.any():
-        mean = drift_sums[hit] / drift_counts[hit, None].astype(np.float64)
-        centroids[hit] += (smoothing * mean).astype(centroids.dtype)
+    """In place: ``c_j ← c_j + smoothing · drift_sums_j / drift_counts_j`` where count > 0.
+
+    Feature drift compensation (Hsu & Lin 2017): ``drift_sums`` (k, d) are per-cluster sums
+    of ``new − old`` features of the same images, ``drift_counts`` (k,) their counts
+    (:func:`pipeline.kmeans.stats.drift_stats`). ``smoothing`` in [0, 1] damps the shift
+    (1 = follow the measured mean displacement, 0 = off).
+    """
+    k, d = centroids.shape
+    if drift_sums.shape != (k, d) or drift_counts.shape != (k,):
+        raise ValueError(f"expected drift ({k}, {d}) and drift_counts ({k},), "
+                         f"got {drift_sums.shape} and {drift_counts.shape}")
+    hit = np.flatnonzero(drift_counts > 0)
+    if smoothing == 0 or hit.size == 0:
+        return
+    mean = drift_sums[hit].astype(np.float64) / drift_counts[hit, None].astype(np.float64)
+    centroids[hit] = centroids[hit].astype(np.float64) + smoothing * mean
 
 
 class Reservoir:
-    """Uniform sample of at most ``capacity`` feature rows seen so far (Vitter's Algorithm R)."""
+    """A uniform sample of at most ``capacity`` of all feature rows seen so far.
+
+    Vitter's Algorithm R ("Random sampling with a reservoir", 1985): row number t (0-based)
+    enters while the reservoir is not full, then replaces slot j ~ U{0..t} when j < capacity.
+    Rows are float32 (capacity, dim); the random stream is the reservoir's own (``seed``).
+    """
 
     def __init__(self, capacity: int, dim: int, seed: int = 0):
+        if capacity < 1 or dim < 1:
+            raise ValueError(f"capacity and dim must be >= 1, got {capacity}, {dim}")
         self.rows = np.zeros((capacity, dim), dtype=np.float32)
         self.seen = 0
         self.rng = np.random.default_rng(seed)
 
+    @property
+    def capacity(self) -> int:
+        return int(self.rows.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.rows.shape[1])
+
     def __len__(self) -> int:
-        return min(self.seen, len(self.rows))
+        return min(self.seen, self.capacity)
 
     def add(self, rows: np.ndarray) -> None:
-        for row in np.asarray(rows, dtype=np.float32):
-            if self.seen < len(self.rows):
-                self.rows[self.seen] = row
-            else:
-                j = int(self.rng.integers(0, self.seen + 1))
-                if j < len(self.rows):
-                    self.rows[j] = row
-            self.seen += 1
+        """Offer rows (m, dim) to the reservoir, in order (vectorised Algorithm R)."""
+        rows = np.asarray(rows, dtype=np.float32).reshape(-1, self.dim)
+        fill = min(max(self.capacity - self.seen, 0), len(rows))
+        self.rows[self.seen:self.seen + fill] = rows[:fill]
+        rest = rows[fill:]
+        if len(rest):
+            t = self.seen + fill + np.arange(len(rest))
+            slot = self.rng.integers(0, t + 1)
+            src = np.flatnonzero(slot < self.capacity)
+            # When two rows of this call hit the same slot, the later one must win.
+            last_slot, first_in_reversed = np.unique(slot[src][::-1], return_index=True)
+            self.rows[last_slot] = rest[src[::-1][first_in_reversed]]
+        self.seen += len(rows)
+
+    def filled(self) -> np.ndarray:
+        """View of the rows held, float32 (len(self), dim)."""
+        return self.rows[:len(self)]
 
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        return self.rows[rng.choice(len(self), size=n, replace=len(self) < n)]
+        """n rows (n, dim), without replacement when the reservoir holds at least n."""
+        if len(self) == 0:
+            raise ValueError("the reservoir is empty")
+        return self.filled()[rng.choice(len(self), size=n, replace=len(self) < n)].copy()
 
     def state(self) -> dict[str, Any]:
-        return {"rows": self.rows[: len(self)].copy(), "capacity": len(self.rows),
-                "seen": self.seen, "rng": self.rng.bit_generator.state}
+        """Plain numpy/ints/str: the rows held, capacity, dim, rows seen and the rng state."""
+        return {"rows": self.filled().copy(), "capacity": self.capacity, "dim": self.dim,
+                "seen": int(self.seen), "rng": self.rng.bit_generator.state}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.rows = np.zeros((state["capacity"], self.rows.shape[1]), dtype=np.float32)
-        self.rows[: len(state["rows"])] = state["rows"]
+        """Exact inverse of :meth:`state`."""
+        rows = np.asarray(state["rows"], dtype=np.float32)
+        self.rows = np.zeros((int(state["capacity"]), int(state["dim"])), dtype=np.float32)
+        self.rows[:len(rows)] = rows
         self.seen = int(state["seen"])
+        self.rng = np.random.default_rng()
         self.rng.bit_generator.state = state["rng"]
 
 
-def _sq_dist_to_nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    d = (x**2).sum(1)[:, None] - 2 * x @ centroids.T + (centroids**2).sum(1)[None]
-    return np.maximum(d.min(1), 0)
+def sq_dist_to_nearest(x: np.ndarray, centroids: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """float64 (n,) squared distance of each row of x (n, d) to its nearest centroid (k, d).
+
+    Chunked over rows so memory stays O(chunk · k); +inf for every row when k == 0.
+    """
+    out = np.full(len(x), np.inf)
+    if len(centroids) == 0:
+        return out
+    c = centroids.astype(np.float64)
+    c2 = (c**2).sum(1)
+    for start in range(0, len(x), chunk):
+        xb = x[start:start + chunk].astype(np.float64)
+        d = (xb**2).sum(1)[:, None] - 2.0 * xb @ c.T + c2[None]
+        out[start:start + chunk] = np.maximum(d.min(1), 0.0)
+    return out
+
+
+def starved_clusters(recent_counts: np.ndarray, ratio: float) -> np.ndarray:
+    """Sorted ids with recent count < ratio · max (or == 0), at most k // 2, neediest first.
+
+    scikit-learn's ``reassignment_ratio`` rule (``_mini_batch_step``), applied to recent
+    rather than lifetime counts. Nothing is starved before any point was counted.
+    """
+    r = np.asarray(recent_counts, dtype=np.float64)
+    if r.size == 0 or r.max() <= 0:
+        return np.zeros(0, dtype=np.int64)
+    ids = np.flatnonzero((r < ratio * r.max()) | (r == 0))
+    ids = ids[np.argsort(r[ids], kind="stable")][:len(r) // 2]
+    return np.sort(ids)
 
 
 def reseed_starved(centroids: np.ndarray, weights: np.ndarray, recent_counts: np.ndarray,
                    reservoir: Reservoir, ratio: float, rng: np.random.Generator) -> list[int]:
-    """Move clusters with recent count < ratio * max (or 0) to far-away reservoir samples."""
-    if len(reservoir) == 0:
+    """Move starved clusters to reservoir rows in under-served regions; returns their ids.
+
+    Starved: recent count < ``ratio`` · max or 0 (:func:`starved_clusters`; never more than
+    half the clusters). Each new position is drawn from the reservoir with probability ∝ the
+    squared distance to the nearest kept or already-reseeded centroid (k-means++, Arthur &
+    Vassilvitskii 2007), so reseeds spread out. As in scikit-learn, a reseeded cluster's
+    weight becomes the minimum weight of the clusters that were not reseeded, so it is
+    neither frozen (huge W) nor erased by its next batch (W = 0).
+
+    Args:
+        centroids: float32 (k, d), weights: float64 (k,), both updated in place.
+        recent_counts: (k,) recent assignment counts (e.g. an exponential moving count).
+        reservoir: recent feature rows; nothing happens while it is empty.
+        ratio: the reassignment ratio; 0 reseeds only clusters with no recent member.
+        rng: the random stream for the draws.
+    """
+    ids = starved_clusters(recent_counts, ratio)
+    if ids.size == 0 or len(reservoir) == 0:
         return []
-    starved = np.flatnonzero((recent_counts < ratio * recent_counts.max()) | (recent_counts == 0))
-    starved = starved[: len(centroids) // 2]
-    if len(starved) == 0:
-        return []
-    pool = reservoir.rows[: len(reservoir)]
-    d2 = _sq_dist_to_nearest(pool, centroids).astype(np.float64)
-    p = d2 / d2.sum() if d2.sum() > 0 else None
-    picks = rng.choice(len(pool), size=len(starved), replace=len(pool) < len(starved), p=p)
-    centroids[starved] = pool[picks]
-    keep = np.setdiff1d(np.arange(len(centroids)), starved)
-    weights[starved] = weights[keep].min() if len(keep) else 0.0
-    return starved.tolist()
+    pool = reservoir.filled()
+    kept = np.ones(len(centroids), dtype=bool)
+    kept[ids] = False
+    d2 = sq_dist_to_nearest(pool, centroids[kept])
+    moved: list[int] = []
+    for j in ids:
+        total = d2.sum()
+        if not total > 0:  # every reservoir row already sits on a centroid
+            break
+        pick = int(rng.choice(len(pool), p=d2 / total))
+        centroids[j] = pool[pick]
+        d2 = np.minimum(d2, ((pool.astype(np.float64) - pool[pick]) ** 2).sum(1))
+        moved.append(int(j))
+    if moved:
+        rest = np.ones(len(centroids), dtype=bool)
+        rest[moved] = False
+        weights[moved] = weights[rest].min()
+    return moved
+
+
+def _perturbation(base: np.ndarray, centroids: np.ndarray, eps: float,
+                  rng: np.random.Generator) -> np.ndarray:
+    """eps · s ⊙ base with s a random ±1 vector; zero coordinates use the mean |centroid|."""
+    fallback = float(np.abs(centroids).mean()) or 1.0
+    sign = rng.choice(np.array([-1.0, 1.0]), size=base.shape)
+    return eps * sign * np.where(base != 0, base, fallback)
 
 
 def split_empty(centroids: np.ndarray, counts: np.ndarray, rng: np.random.Generator,
                 eps: float = 1.0 / 1024) -> list[int]:
-    """faiss/DeepCluster: give each empty cluster half of a donor chosen ∝ (count - 1)."""
-    counts = counts.astype(np.float64).copy()
-    fixed = []
+    """Give every empty cluster half of a donor cluster (faiss / DeepCluster); returns its ids.
+
+    For each empty cluster j, a donor i is drawn with probability ∝ (count_i − 1) among
+    clusters with count > 1, then ``c_j = c_i (1 + eps·s)``, ``c_i ← c_i (1 − eps·s)`` with
+    s a random ±1 vector: faiss's symmetric perturbation (``Clustering::train``,
+    ``contrib/clustering.py: reassign_centroids``), used by DeepCluster (Caron et al. 2018).
+    Coordinates that are exactly 0 are perturbed by eps · mean|centroids| instead, so
+    centroids at the origin (e.g. half the points identical to 0) still separate.
+    ``counts`` is updated in place as if the donor's members split evenly.
+
+    Args:
+        centroids: float32 (k, d), updated in place.
+        counts: int (or float) (k,) cluster sizes of the last full assignment, in place.
+        rng: the random stream.
+        eps: relative size of the perturbation (faiss: 1/1024).
+    """
+    fixed: list[int] = []
     for j in np.flatnonzero(counts == 0):
-        p = np.maximum(counts - 1, 0)
-        if p.sum() <= 0:
+        p = np.maximum(counts.astype(np.float64) - 1.0, 0.0)
+        if p.sum() <= 0:  # fewer points than clusters: nothing left to split
             break
         donor = int(rng.choice(len(counts), p=p / p.sum()))
-        sign = rng.choice([-1.0, 1.0], size=centroids.shape[1])
-        centroids[j] = centroids[donor] * (1 + eps * sign)
-        centroids[donor] = centroids[donor] * (1 - eps * sign)
-        counts[j] = counts[donor] / 2
+        base = centroids[donor].astype(np.float64)
+        delta = _perturbation(base, centroids, eps, rng)
+        centroids[j] = base + delta
+        centroids[donor] = base - delta
+        counts[j] = counts[donor] // 2
         counts[donor] -= counts[j]
         fixed.append(int(j))
     return fixed

@@ -1,14 +1,26 @@
 """``CentroidStore``: the in-process reference of the centroid-server protocol (DESIGN §4).
 
 The Ray actor in :mod:`pipeline.distributed.centroid_server` wraps this exact class, so the
-single-process reference and the distributed server share every line of the math.
+single-process reference and the distributed server share every line of the math. It holds
+only k×d centroids, k weights, k recent counts, a bounded reservoir and the pending rounds:
+memory does not grow with the data. No threads, no Ray; instances pickle.
 
-Rounds: each worker pushes the summed statistics of its last ``sync_every`` steps, tagged with
-a round id (``step``). When all ``num_workers`` have pushed a round, their statistics are
-summed and applied at once, and ``version`` increases by one. Because the update is a running
-mean, two workers with batch B/2 give exactly the centroids of one worker with batch B, when
-both assign against the same version (tested). A push for a round that was already applied
-(a restarted worker) is applied on its own rather than lost.
+Rounds. Each worker pushes the summed statistics (faiss ``contrib/clustering.py`` style
+partial sums) of its last ``sync_every`` steps, tagged with a round id ``step``. When all
+``num_workers`` workers have pushed a round, their statistics are summed and applied as one
+update (:func:`~pipeline.kmeans.minibatch.minibatch_update`, then
+:func:`~pipeline.kmeans.minibatch.apply_drift`, then every ``reseed_every`` rounds
+:func:`~pipeline.kmeans.minibatch.reseed_starved`), and ``version`` increases by one.
+
+* Order: rounds are applied in increasing ``step``. A complete round first applies every
+  earlier pending round, complete or not: a worker that pushed the later round has moved
+  past the earlier one (pushes from one caller arrive in order), so the missing share was
+  skipped or lost. More than ``max_pending`` open rounds (a dead peer) likewise apply the
+  oldest, so workers never wait on each other through the store.
+* Late pushes: a push for a round that was already applied (a restarted or lagging worker)
+  is applied on its own, as a round of its own, rather than lost.
+* Equivalence: the update is a running mean, so 2 workers with batch B/2 give the centroids
+  of 1 worker with batch B when both assigned against the same version (tested exactly).
 """
 
 from __future__ import annotations
@@ -19,27 +31,52 @@ import numpy as np
 
 from pipeline.kmeans.minibatch import Reservoir, apply_drift, minibatch_update, reseed_starved
 
+_STAT_KEYS = ("sums", "counts", "drift", "drift_counts", "workers")
+
 
 class CentroidStore:
-    """Owns k x d centroids, per-centroid weights and a version counter."""
+    """Owns k×d float32 centroids, float64 weights (points absorbed) and a version counter.
+
+    Args:
+        centroids: (k, d) initial centroids (copied, stored as float32).
+        num_workers: pushes that complete a round.
+        drift_smoothing: factor on the mean feature drift (Hsu & Lin 2017); 0 disables it.
+        reseed_every: rounds between starved-cluster checks.
+        reseed_ratio: starved = recent count < ratio · the largest recent count (or 0).
+        reservoir_size: recent feature rows kept (Algorithm R) as reseeding candidates.
+        seed: seeds the reservoir and the reseeding draws.
+        recent_decay: per-round decay of the exponential moving count of assignments.
+        max_pending: open rounds kept before the oldest is applied without its stragglers.
+    """
 
     def __init__(self, centroids: np.ndarray, *, num_workers: int = 1,
                  drift_smoothing: float = 1.0, reseed_every: int = 50,
                  reseed_ratio: float = 0.01, reservoir_size: int = 4096, seed: int = 0,
-                 recent_decay: float = 0.9):
+                 recent_decay: float = 0.9, max_pending: int = 64):
         self.centroids = np.array(centroids, dtype=np.float32, copy=True)
+        if self.centroids.ndim != 2 or self.centroids.shape[0] < 1:
+            raise ValueError(f"centroids: expected (k, d) with k >= 1, got {self.centroids.shape}")
+        if num_workers < 1 or reseed_every < 1 or max_pending < 1:
+            raise ValueError("num_workers, reseed_every and max_pending must be >= 1")
+        if not 0.0 <= recent_decay < 1.0:
+            raise ValueError(f"recent_decay: must be in [0, 1), got {recent_decay}")
         k, d = self.centroids.shape
+        self.num_workers, self.drift_smoothing = int(num_workers), float(drift_smoothing)
+        self.reseed_every, self.reseed_ratio = int(reseed_every), float(reseed_ratio)
+        self.recent_decay, self.max_pending = float(recent_decay), int(max_pending)
         self.weights = np.zeros(k, dtype=np.float64)
-        self.recent = np.zeros(k, dtype=np.float64)  # EMA of per-round counts
-        self.num_workers, self.drift_smoothing = num_workers, drift_smoothing
-        self.reseed_every, self.reseed_ratio = reseed_every, reseed_ratio
-        self.recent_decay = recent_decay
+        self.recent = np.zeros(k, dtype=np.float64)  # exponential moving count per round
         self.reservoir = Reservoir(reservoir_size, d, seed)
-        self.rng = np.random.default_rng(seed + 1)
-        self.version = 0
-        self.applied_rounds: set[int] = set()
+        self.rng = np.random.default_rng((seed, 1))
+        self._version = 0
+        self.next_round = 0  # every round below this was applied (or skipped)
         self.pending: dict[int, dict[str, Any]] = {}
-        self.reseeded = 0
+        self.reseeded = 0  # clusters reseeded so far
+
+    @property
+    def version(self) -> int:
+        """Number of applied rounds (updates) so far."""
+        return self._version
 
     @property
     def k(self) -> int:
@@ -52,68 +89,126 @@ class CentroidStore:
     def push(self, sums: np.ndarray, counts: np.ndarray, drift: np.ndarray | None = None,
              drift_counts: np.ndarray | None = None, worker: int = 0, step: int = 0,
              samples: np.ndarray | None = None) -> int:
-        """Add one worker's statistics for round ``step``; apply the round when complete."""
+        """Add one worker's statistics for round ``step``; apply rounds that are ready.
+
+        Args:
+            sums: (k, d) per-cluster feature sums; counts: (k,) member counts
+                (:func:`~pipeline.kmeans.stats.partial_stats`, possibly summed over steps).
+            drift: (k, d) per-cluster sums of new − old features; drift_counts: (k,)
+                (:func:`~pipeline.kmeans.stats.drift_stats`); both or neither.
+            worker: the pushing worker's rank; step: its round counter at the push.
+            samples: (m, d) recent feature rows for the reseeding reservoir.
+
+        Returns:
+            The current version.
+        """
+        entry = self._entry(sums, counts, drift, drift_counts, worker)
         if samples is not None and len(samples):
-            self.reservoir.add(samples)
-        entry = {"sums": np.asarray(sums, np.float64), "counts": np.asarray(counts, np.int64),
-                 "drift": None if drift is None else np.asarray(drift, np.float64),
-                 "drift_counts": None if drift_counts is None else np.asarray(drift_counts),
-                 "workers": [worker]}
-        if step in self.applied_rounds or self.num_workers == 1:
+            self.reservoir.add(np.asarray(samples, dtype=np.float32))
+        step = int(step)
+        if step < self.next_round:  # its round is gone: apply it on its own
             self._apply(entry)
-            self.applied_rounds.add(step)
-            return self.version
+            return self._version
         self._merge(step, entry)
-        if len(set(self.pending[step]["workers"])) >= self.num_workers:
-            self._apply(self.pending.pop(step))
-            self.applied_rounds.add(step)
-        return self.version
+        self._apply_ready()
+        return self._version
+
+    def pull(self, since_version: int = -1) -> tuple[int, np.ndarray] | None:
+        """``(version, copy of centroids (k, d) float32)`` if version > since_version, else None."""
+        if self._version <= since_version:
+            return None
+        return self._version, self.centroids.copy()
+
+    def _entry(self, sums: Any, counts: Any, drift: Any, drift_counts: Any,
+               worker: int) -> dict[str, Any]:
+        """Validated float64/int64 copies of one push."""
+        k, d = self.centroids.shape
+        entry: dict[str, Any] = {
+            "sums": np.array(sums, dtype=np.float64), "counts": np.array(counts, dtype=np.int64),
+            "drift": None if drift is None else np.array(drift, dtype=np.float64),
+            "drift_counts": None if drift_counts is None else np.array(drift_counts, np.int64),
+            "workers": np.array([worker], dtype=np.int64)}
+        if entry["sums"].shape != (k, d) or entry["counts"].shape != (k,):
+            raise ValueError(f"push: expected sums ({k}, {d}) and counts ({k},), got "
+                             f"{entry['sums'].shape} and {entry['counts'].shape}")
+        if (drift is None) != (drift_counts is None):
+            raise ValueError("push: drift and drift_counts go together")
+        if drift is not None and (entry["drift"].shape != (k, d)
+                                  or entry["drift_counts"].shape != (k,)):
+            raise ValueError(f"push: expected drift ({k}, {d}) and drift_counts ({k},)")
+        return entry
 
     def _merge(self, step: int, entry: dict[str, Any]) -> None:
         have = self.pending.get(step)
         if have is None:
             self.pending[step] = entry
             return
-        have["sums"] = have["sums"] + entry["sums"]
-        have["counts"] = have["counts"] + entry["counts"]
+        have["sums"] += entry["sums"]
+        have["counts"] += entry["counts"]
         for key in ("drift", "drift_counts"):
             if entry[key] is not None:
                 have[key] = entry[key] if have[key] is None else have[key] + entry[key]
-        have["workers"] = have["workers"] + entry["workers"]
+        have["workers"] = np.concatenate([have["workers"], entry["workers"]])
+
+    def _apply_ready(self) -> None:
+        """Apply, in step order, every pending round up to the last complete one."""
+        steps = sorted(self.pending)
+        complete = [s for s in steps
+                    if len(np.unique(self.pending[s]["workers"])) >= self.num_workers]
+        upto = complete[-1] if complete else None
+        overflow = len(steps) - self.max_pending
+        if overflow > 0:
+            upto = max(steps[overflow - 1], upto if upto is not None else steps[0])
+        if upto is None:
+            return
+        for s in steps:
+            if s > upto:
+                break
+            self._apply(self.pending.pop(s))
+            self.next_round = s + 1
 
     def _apply(self, entry: dict[str, Any]) -> None:
-        counts = entry["counts"]
-        minibatch_update(self.centroids, self.weights, entry["sums"], counts)
-        if entry["drift"] is not None and entry["drift_counts"] is not None:
+        """One round: mini-batch update, drift, moving counts, version, periodic reseed."""
+        minibatch_update(self.centroids, self.weights, entry["sums"], entry["counts"])
+        if entry["drift"] is not None and self.drift_smoothing:
             apply_drift(self.centroids, entry["drift"], entry["drift_counts"],
                         self.drift_smoothing)
-        self.recent = self.recent_decay * self.recent + (1 - self.recent_decay) * counts
-        self.version += 1
-        if self.version % self.reseed_every == 0:
-            self.reseeded += len(reseed_starved(self.centroids, self.weights, self.recent,
-                                                self.reservoir, self.reseed_ratio, self.rng))
+        self.recent *= self.recent_decay
+        self.recent += (1.0 - self.recent_decay) * entry["counts"]
+        self._version += 1
+        if self._version % self.reseed_every == 0:
+            self._reseed()
 
-    def pull(self, since_version: int = -1) -> tuple[int, np.ndarray] | None:
-        """(version, copy of centroids) if newer than ``since_version``, else None."""
-        if self.version <= since_version:
-            return None
-        return self.version, self.centroids.copy()
+    def _reseed(self) -> None:
+        moved = reseed_starved(self.centroids, self.weights, self.recent, self.reservoir,
+                               self.reseed_ratio, self.rng)
+        if moved:
+            rest = np.ones(self.k, dtype=bool)
+            rest[moved] = False
+            self.recent[moved] = self.recent[rest].min()  # a grace period, like the weights
+            self.reseeded += len(moved)
 
     def state(self) -> dict[str, Any]:
+        """Everything :meth:`load_state` needs, as numpy arrays, ints, str and dicts."""
+        pending = {int(s): {key: None if r[key] is None else r[key].copy() for key in _STAT_KEYS}
+                   for s, r in self.pending.items()}
         return {"centroids": self.centroids.copy(), "weights": self.weights.copy(),
-                "recent": self.recent.copy(), "version": self.version,
-                "applied_rounds": sorted(self.applied_rounds)[-1024:],
-                "pending": {int(s): dict(e) for s, e in self.pending.items()},
+                "recent": self.recent.copy(), "version": self._version,
+                "next_round": self.next_round, "pending": pending,
                 "reservoir": self.reservoir.state(), "rng": self.rng.bit_generator.state,
                 "reseeded": self.reseeded}
 
     def load_state(self, state: dict[str, Any]) -> None:
+        """Exact inverse of :meth:`state` (constructor settings are kept)."""
         self.centroids = np.array(state["centroids"], dtype=np.float32, copy=True)
         self.weights = np.array(state["weights"], dtype=np.float64, copy=True)
         self.recent = np.array(state["recent"], dtype=np.float64, copy=True)
-        self.version = int(state["version"])
-        self.applied_rounds = {int(s) for s in state["applied_rounds"]}
-        self.pending = {int(s): dict(e) for s, e in state["pending"].items()}
+        self._version = int(state["version"])
+        self.next_round = int(state["next_round"])
+        self.pending = {int(s): {key: None if r[key] is None else np.array(r[key], copy=True)
+                                 for key in _STAT_KEYS}
+                        for s, r in state["pending"].items()}
         self.reservoir.load_state(state["reservoir"])
+        self.rng = np.random.default_rng()
         self.rng.bit_generator.state = state["rng"]
         self.reseeded = int(state["reseeded"])
