@@ -57,7 +57,8 @@ def test_outputs_metrics_and_resume(digits_shards, tmp_path):
 
 def test_killed_worker_resumes_from_checkpoint(digits_shards, tmp_path):
     out = str(tmp_path / "run")
-    metrics = run_job(digits_shards, out, ["debug.kill_worker_at_step=30"])
+    metrics = run_job(digits_shards, out, ["debug.kill_worker_at_step=30",
+                                          "cluster.drift_compensation=true"])
     assert os.path.exists(os.path.join(out, "checkpoints", "_fault-worker"))
     assert metrics["n_images"] == 1797
     assert len(metrics["epochs"]) == 2  # both epochs completed after the restart
@@ -65,8 +66,7 @@ def test_killed_worker_resumes_from_checkpoint(digits_shards, tmp_path):
 
 def test_killed_centroid_server_restarts_with_its_state(digits_shards, tmp_path):
     out = str(tmp_path / "run")
-    metrics = run_job(digits_shards, out, ["debug.kill_server_at_round=20",
-                                          "cluster.drift_compensation=true"])
+    metrics = run_job(digits_shards, out, ["debug.kill_server_at_round=20"])
     assert os.path.exists(os.path.join(out, "checkpoints", "centroid_server_state.npz.fault"))
     assert metrics["n_images"] == 1797 and metrics["cluster_sizes"]["empty"] == 0
 

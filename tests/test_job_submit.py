@@ -43,7 +43,11 @@ def ray_head():
     head = subprocess.Popen(
         [str(RAY), "start", "--head", "--block", "--num-cpus=2", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         "--node-ip-address=127.0.0.1", f"--temp-dir={temp}", "--disable-usage-stats"],
+         "--node-ip-address=127.0.0.1", f"--temp-dir={temp}", "--disable-usage-stats",
+         # the session's own test cluster holds the default agent ports
+         f"--dashboard-agent-listen-port={free_port()}",
+         f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_for_dashboard(dash, head)

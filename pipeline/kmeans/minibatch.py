@@ -25,7 +25,7 @@ import numpy as np
 
 def minibatch_update(centroids: np.ndarray, weights: np.ndarray, sums: np.ndarray,
                      counts: np.ndarray) -> None:
-    """In place: ``c_j ← c_j + (S_j − n_j c_j)/(W_j + n_j)``, ``W_j ← W_j + n_j`` where n_j > 0.
+    """In place: ``c_j ← c_j + (S_j − n_j c_j)/(W_j + n_j)``, ``W_j ← W_j + n_j`` if n_j > 0.
 
     Args:
         centroids: float32 (k, d), updated in place.
@@ -212,10 +212,15 @@ def reseed_starved(centroids: np.ndarray, weights: np.ndarray, recent_counts: np
 
 def _perturbation(base: np.ndarray, centroids: np.ndarray, eps: float,
                   rng: np.random.Generator) -> np.ndarray:
-    """eps · s ⊙ base with s a random ±1 vector; zero coordinates use the mean |centroid|."""
-    fallback = float(np.abs(centroids).mean()) or 1.0
+    """eps · s ⊙ base, s a random ±1 vector (faiss's symmetric split perturbation).
+
+    Coordinates that are exactly 0 (where ``c·(1 ± eps)`` would not move) use the mean
+    |coordinate| of ``base`` instead, or of all centroids when ``base`` is all zeros.
+    """
+    nonzero = np.abs(base[base != 0])
+    fallback = float(nonzero.mean()) if nonzero.size else float(np.abs(centroids).mean())
     sign = rng.choice(np.array([-1.0, 1.0]), size=base.shape)
-    return eps * sign * np.where(base != 0, base, fallback)
+    return eps * sign * np.where(base != 0, base, fallback or 1.0)
 
 
 def split_empty(centroids: np.ndarray, counts: np.ndarray, rng: np.random.Generator,
@@ -226,7 +231,7 @@ def split_empty(centroids: np.ndarray, counts: np.ndarray, rng: np.random.Genera
     clusters with count > 1, then ``c_j = c_i (1 + eps·s)``, ``c_i ← c_i (1 − eps·s)`` with
     s a random ±1 vector: faiss's symmetric perturbation (``Clustering::train``,
     ``contrib/clustering.py: reassign_centroids``), used by DeepCluster (Caron et al. 2018).
-    Coordinates that are exactly 0 are perturbed by eps · mean|centroids| instead, so
+    Coordinates that are exactly 0 are perturbed by eps times a typical magnitude instead, so
     centroids at the origin (e.g. half the points identical to 0) still separate.
     ``counts`` is updated in place as if the donor's members split evenly.
 

@@ -63,19 +63,25 @@ def inertia(x: np.ndarray, centroids: np.ndarray, chunk: int = MAX_CHUNK,
 
 def minibatch_kmeans(x: np.ndarray, k: int, batch_size: int = 1024, epochs: int = 5,
                      seed: int = 0, store_kwargs: dict[str, Any] | None = None,
-                     samples_per_batch: int = 64) -> CentroidStore:
+                     samples_per_batch: int = 64, init: np.ndarray | None = None
+                     ) -> CentroidStore:
     """Online mini-batch k-means over fixed features x (n, d) through a ``CentroidStore``.
 
-    Init: k distinct random rows. Each epoch visits the rows in a new random order; each
-    mini-batch is assigned against the store's current centroids, its partial statistics are
-    pushed as one round, and its first ``samples_per_batch`` rows (random, as the batch is
-    shuffled) feed the reseeding reservoir. ``store_kwargs`` go to ``CentroidStore``
-    (``num_workers`` is forced to 1). Returns the store; its ``centroids`` are the result.
+    Init: ``init`` (k, d) if given, else k distinct random rows. Each epoch visits the rows
+    in a new random order; each mini-batch is assigned against the store's current centroids,
+    its partial statistics are pushed as one round, and its first ``samples_per_batch`` rows
+    (random, as the batch is shuffled) feed the reseeding reservoir. ``store_kwargs`` go to
+    ``CentroidStore`` (``num_workers`` is forced to 1). Returns the store; its ``centroids``
+    are the result.
     """
     rng = np.random.default_rng(seed)
     x = np.ascontiguousarray(x, dtype=np.float32)
     kwargs = {"seed": seed, **(store_kwargs or {}), "num_workers": 1}
-    store = CentroidStore(x[rng.choice(len(x), size=k, replace=False)], **kwargs)
+    if init is None:
+        init = x[rng.choice(len(x), size=k, replace=False)]
+    if np.shape(init) != (k, x.shape[1]):
+        raise ValueError(f"init: expected shape ({k}, {x.shape[1]}), got {np.shape(init)}")
+    store = CentroidStore(init, **kwargs)
     round_id = 0
     for _ in range(epochs):
         order = rng.permutation(len(x))

@@ -58,8 +58,8 @@ def assign(x: torch.Tensor, centroids: torch.Tensor
     if d.shape[1] == 1:
         return (torch.zeros(d.shape[0], dtype=torch.int64, device=d.device), d[:, 0],
                 torch.full_like(d[:, 0], float("inf")))
-    sqdist, labels = d.min(dim=1)
-    second = d.scatter(1, labels[:, None], float("inf")).min(dim=1).values
+    sqdist, labels = d.min(dim=1)  # min: ties resolve to the first index
+    second = d.topk(2, dim=1, largest=False).values[:, 1]  # values only: tie order is moot
     return labels, sqdist, second
 
 
