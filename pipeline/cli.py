@@ -15,6 +15,9 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
 
 def setup_logging(verbose: bool) -> str:
     """Quiet console (INFO for us, WARNING for libraries) plus a full DEBUG log file."""
+    from pipeline.distributed.runtime import VERBOSE_ENV
+
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
     log_path = os.path.join(tempfile.gettempdir(), f"pipeline-{os.getpid()}.log")
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
@@ -30,7 +33,11 @@ def setup_logging(verbose: bool) -> str:
 
 
 def run_main(main: Callable[[], int], verbose: bool, log_path: str) -> int:
-    """Run ``main``; a known user error prints one clear line (stack trace in the log file)."""
+    """Run ``main``; any failure prints one clear line (the stack trace goes to the log file).
+
+    Known user errors (bad config, unreachable or malformed input) exit with 2, anything
+    else with 1; ``--verbose`` re-raises so the full trace shows.
+    """
     from pipeline.data.fs import StorageError
     from pipeline.data.reader import InputError
     from pipeline.data.sources import SourceError
@@ -38,10 +45,34 @@ def run_main(main: Callable[[], int], verbose: bool, log_path: str) -> int:
     errors = USER_ERRORS + (StorageError, InputError, SourceError)
     try:
         return main()
-    except errors as exc:
-        logging.getLogger(__name__).debug("failure", exc_info=True)
-        print(f"error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        logging.getLogger(__name__).debug("failure", exc_info=True)  # log file only
+        known = isinstance(exc, errors)
+        print(f"error: {exc}" if known else f"error: {one_line(exc)}", file=sys.stderr)
         if verbose:
             raise
         print(f"(details in {log_path})", file=sys.stderr)
-        return 2
+        return 2 if known else 1
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """Follow Ray's ``.cause`` and Python's ``__cause__`` links to the original error."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        nxt = getattr(exc, "cause", None) or exc.__cause__
+        if not isinstance(nxt, BaseException):
+            break
+        exc = nxt
+    return exc
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: message`` of the root cause; Ray embeds remote tracebacks in messages, whose
+    last line is the remote error itself."""
+    root = root_cause(exc)
+    lines = [line.strip() for line in str(root).splitlines() if line.strip()]
+    return f"{type(root).__name__}: {lines[-1] if lines else '(no message)'}"[:500]

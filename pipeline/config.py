@@ -87,6 +87,10 @@ class ClusterConfig:
     reseed_ratio: float = 0.05  # starved = recent count below this fraction of the largest
     reservoir_size: int = 4096  # recent features kept for reseeding starved clusters
     assign_batch_size: int = 512  # rows per forward in the assignment pass
+    # jobs/assign.py flags an image as an outlier when it is farther from its centroid than
+    # this quantile of the training images' distances in the same cluster.
+    outlier_quantile: float = 0.99
+    outlier_min_members: int = 20  # smaller clusters use the quantile over all images
     persist_every: int = 20  # rounds between the server's restart-file writes
 
 
@@ -131,11 +135,24 @@ class ScaleConfig:
 
 
 @dataclass
+class ReportConfig:
+    """The HTML report (``report.html``)."""
+
+    sample_rows: int = 50_000  # montages draw from shards holding about this many images
+    nearest: int = 8  # images nearest the centroid per cluster (top montage row)
+    random: int = 8  # random members per cluster (bottom montage row)
+    page_size: int = 50  # cluster sections per page; the rest are a click or a search away
+    max_montages: int = 2000  # clusters beyond the largest N are listed without montages
+    thumb_px: int = 64  # thumbnail edge in the montages
+
+
+@dataclass
 class DebugConfig:
     """Fault injection for the fault-tolerance tests: real process deaths, once per run."""
 
     kill_worker_at_step: int = -1  # rank 0 exits (os._exit) at this global step, once
     kill_server_at_round: int = -1  # the centroid server exits at this version, once
+    kill_assign_after_shards: int = -1  # the assign driver SIGKILLs itself after N shards
 
 
 @dataclass
@@ -150,6 +167,7 @@ class Config:
     online: OnlineConfig = field(default_factory=OnlineConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     s3: S3Config = field(default_factory=S3Config)
+    report: ReportConfig = field(default_factory=ReportConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     version: str = ""  # package version, filled in when the run is resolved
 
@@ -255,18 +273,22 @@ def resolve(
     overrides: list[str] | None = None,
     flags: dict[str, Any] | None = None,
     base: dict[str, Any] | None = None,
+    loaded: dict[str, Any] | None = None,
 ) -> Any:
-    """Defaults, ``base`` (dotted keys), ``yaml_path``, ``flags`` (dotted), ``--set`` overrides."""
+    """Defaults, ``base`` (dotted keys), ``yaml_path``, ``loaded`` (a nested dict, e.g. a
+    saved run's config), ``flags`` (dotted), then ``--set`` overrides; validated."""
     merged: dict[str, Any] = dataclasses.asdict(cls())
     for key, value in (base or {}).items():
         merged = _deep_merge(merged, _nested(key, value))
     if yaml_path:
         try:
             with open(yaml_path) as fh:
-                loaded = yaml.safe_load(fh) or {}
+                from_file = yaml.safe_load(fh) or {}
         except OSError as exc:
             raise ConfigError(f"--config {yaml_path}: cannot read ({exc.strerror})") from exc
-        merged = _deep_merge(merged, loaded if isinstance(loaded, dict) else {"": loaded})
+        merged = _deep_merge(merged, from_file if isinstance(from_file, dict) else {"": from_file})
+    if loaded:
+        merged = _deep_merge(merged, loaded)
     for key, value in (flags or {}).items():
         if value is not None:
             merged = _deep_merge(merged, _nested(key, value))
@@ -294,13 +316,15 @@ def _nested(dotted: str, value: Any) -> dict[str, Any]:
 _POSITIVE_INT = [
     "data.image_size", "data.max_pixels", "data.decode_batch_size", "model.feature_dim", "model.width",
     "cluster.k", "cluster.sync_every", "cluster.reseed_every", "cluster.reservoir_size",
-    "cluster.assign_batch_size", "cluster.persist_every", "train.epochs", "train.batch_size", "scale.workers",
+    "cluster.assign_batch_size", "cluster.persist_every", "cluster.outlier_min_members",
+    "report.sample_rows", "report.page_size", "report.max_montages", "report.thumb_px",
+    "train.epochs", "train.batch_size", "scale.workers",
     "scale.assign_actors", "scale.checkpoint_every_steps", "scale.collective_timeout_s",
     "rows_per_file", "row_group_size", "max_pixels",
 ]  # fmt: skip
 _NON_NEGATIVE = [
     "cluster.max_staleness", "train.weight_decay", "train.warmup_epochs", "scale.max_failures",
-    "online.compactness_weight", "online.consistency_weight", "online.entropy_weight", "train.momentum",
+    "report.nearest", "report.random", "online.compactness_weight", "online.consistency_weight", "online.entropy_weight", "train.momentum",
 ]  # fmt: skip
 _POSITIVE = ["train.lr", "online.temperature", "scale.cpus_per_worker",
              "s3.connect_timeout_s", "s3.request_timeout_s"]  # fmt: skip
@@ -343,6 +367,8 @@ def _validate_run(cfg: Config) -> None:
         raise ConfigError(f"cluster.k: must be >= 2; got {cfg.cluster.k}")
     if not 0.0 <= cfg.cluster.drift_smoothing <= 1.0:
         raise ConfigError(f"cluster.drift_smoothing: must be in [0, 1]; got {cfg.cluster.drift_smoothing}")
+    if not 0.0 < cfg.cluster.outlier_quantile <= 1.0:
+        raise ConfigError(f"cluster.outlier_quantile: must be in (0, 1]; got {cfg.cluster.outlier_quantile}")
     if not 0.0 <= cfg.cluster.reseed_ratio < 1.0:
         raise ConfigError(f"cluster.reseed_ratio: must be in [0, 1); got {cfg.cluster.reseed_ratio}")
     if cfg.train.batch_size % cfg.scale.workers:

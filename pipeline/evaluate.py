@@ -50,3 +50,17 @@ def evaluate_run(cfg: Config, paths: RunPaths, has_label: bool, history: list[di
     if history:
         metrics["epochs"] = history
     return metrics
+
+
+def write_outlier_thresholds(cfg: Config, paths: RunPaths) -> np.ndarray:
+    """Per-cluster distance thresholds from this run's assignments -> ``outliers.json``."""
+    from pipeline.assign import cluster_thresholds, thresholds_json
+
+    table = read_assignments(paths, ["cluster", "distance"])
+    c = cfg.cluster
+    thresholds = cluster_thresholds(table.column("cluster").to_numpy(),
+                                    table.column("distance").to_numpy(), c.k,
+                                    c.outlier_quantile, c.outlier_min_members)
+    fsx.write_bytes_atomic(paths.outliers, thresholds_json(thresholds, c.outlier_quantile,
+                                                          c.outlier_min_members))
+    return thresholds

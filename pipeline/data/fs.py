@@ -156,8 +156,11 @@ def write_bytes_atomic(loc: Location, data: bytes) -> None:
         with loc.fs.open_output_stream(loc.path) as fh:
             fh.write(data)
         return
-    os.makedirs(os.path.dirname(loc.path), exist_ok=True)
-    tmp = f"{loc.path}.tmp-{uuid.uuid4().hex[:8]}"
+    folder, name = os.path.split(loc.path)
+    os.makedirs(folder or ".", exist_ok=True)
+    # Hidden name: directory readers (pyarrow, Spark) skip dot-files, so a crash mid-write
+    # never exposes a partial file.
+    tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()

@@ -56,11 +56,12 @@ def find_shards(uri: str, s3: S3Config | None = None) -> Shards:
     if not files:
         raise InputError(f"{uri}: no Parquet shards (*.parquet) found")
     schema = pq.read_schema(files[0], filesystem=loc.fs)
-    _check_schema(schema, f"{uri} ({files[0]})")
+    check_schema(schema, f"{uri} ({files[0]})")
     return Shards(loc, files, "label" in schema.names)
 
 
-def _check_schema(schema: pa.Schema, where: str) -> None:
+def check_schema(schema: pa.Schema, where: str) -> None:
+    """Raise InputError unless ``schema`` has the contract's ``id`` and binary ``image``."""
     fields = {f.name: f.type for f in schema}
     if "id" not in fields or "image" not in fields:
         raise InputError(f"{where}: shards need columns 'id' and 'image'; found {sorted(fields)}")
@@ -69,23 +70,43 @@ def _check_schema(schema: pa.Schema, where: str) -> None:
 
 
 class DecodeImages:
-    """Ray Data UDF: (id, image bytes, label) rows -> (id, pixels, label); rejects quarantined."""
+    """Ray Data UDF: (id, image bytes, ...) rows -> (id, pixels, ...); bad images quarantined.
 
-    def __init__(self, spec: DecodeSpec, rejects: Location | None, normalized: bool = True):
+    Columns other than ``image`` (``label``, ``path``) pass through. By default a row that
+    cannot be decoded is written to ``rejects`` (when given) and dropped. With
+    ``inline_rejects=True`` every row is kept, with a ``reason`` column ("" when decoded,
+    zero pixels otherwise), so a consumer can account for every input row (the assign job).
+    """
+
+    def __init__(self, spec: DecodeSpec, rejects: Location | None = None,
+                 normalized: bool = True, inline_rejects: bool = False):
         self.spec, self.rejects, self.normalized = spec, rejects, normalized
+        self.inline_rejects = inline_rejects
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         ids = [str(i) for i in batch["id"]]
         decoded = decode_batch(list(batch["image"]), self.spec)
+        pixels = normalize(decoded.pixels, self.spec) if self.normalized else decoded.pixels
+        extra = {k: np.asarray(v) for k, v in batch.items() if k not in ("id", "image")}
+        if self.inline_rejects:
+            return self._all_rows(ids, decoded, pixels.numpy(), extra)
         if self.rejects is not None and decoded.rejects:
             bad = [ids[i] for i, _ in decoded.rejects]
             write_rejects(self.rejects, bad, bad, [reason for _, reason in decoded.rejects])
-        pixels = normalize(decoded.pixels, self.spec) if self.normalized else decoded.pixels
         out: dict[str, Any] = {"id": np.array([ids[i] for i in decoded.ok], dtype=object),
                                "pixels": pixels.numpy()}
-        if "label" in batch:
-            out["label"] = np.asarray(batch["label"])[decoded.ok]
+        out.update({k: v[decoded.ok] for k, v in extra.items()})
         return out
+
+    @staticmethod
+    def _all_rows(ids: list[str], decoded: Any, pixels: np.ndarray,
+                  extra: dict[str, np.ndarray]) -> dict[str, Any]:
+        full = np.zeros((len(ids), *pixels.shape[1:]), pixels.dtype)
+        full[decoded.ok] = pixels
+        reason = np.full(len(ids), "", dtype=object)
+        for i, why in decoded.rejects:
+            reason[i] = why
+        return {"id": np.array(ids, dtype=object), "pixels": full, "reason": reason, **extra}
 
 
 def read_images(uri: str, spec: DecodeSpec, *, s3: S3Config | None = None,

@@ -1,24 +1,49 @@
-"""Assignment pass: Ray Data ``map_batches`` with an actor pool holding model and centroids.
+"""Assignment pass on Ray Data: read -> decode -> embed + assign on an actor pool -> driver.
 
-Each actor loads the model once (GPU when the run has one), embeds decoded images and assigns
-them to the nearest centroid. Output rows: ``id``, ``cluster`` (int32), ``distance`` (euclidean
-to the assigned centroid), ``margin`` (second-best minus best distance) and ``label`` when the
-input has one (DESIGN §3).
+Each :class:`AssignActor` loads the model once (GPU when the job has one, channels_last and
+fp16 autocast there), embeds decoded images and assigns them to the nearest centroid. Output
+rows: ``id``, ``path`` (the input shard), ``reason`` ("" or why the image was rejected),
+``cluster`` (int32, -1 when rejected), ``distance`` (euclidean to the assigned centroid),
+``margin`` (second-best minus best distance) and ``label`` when the input has one.
+
+Only these small rows travel back to the driver, which writes them per shard
+(:mod:`pipeline.assign`). Decoding runs as plain tasks, so on a cluster it can use CPU
+nodes while the actors sit on GPU nodes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from pipeline.config import Config
-from pipeline.data.fs import Location
-from pipeline.data.reader import decode_spec, read_images
+from pipeline.data.decode import DecodeSpec
+from pipeline.data.reader import DecodeImages
 from pipeline.distributed.runtime import pin_threads
 from pipeline.kmeans.stats import assign
-from pipeline.models.arch import load_model, model_arch
+from pipeline.models.arch import load_model
+
+
+@dataclass(frozen=True)
+class AssignSettings:
+    """Sizes and placement of the assignment pass."""
+
+    decode_batch_size: int = 256
+    assign_batch_size: int = 512
+    actors: int = 1
+    gpu: bool = False
+    max_pixels: int = 50_000_000
+
+
+def decode_spec_of(arch: dict[str, Any], max_pixels: int) -> DecodeSpec:
+    """The decoding a trained model expects, from its ``model.json``."""
+    return DecodeSpec(channels=arch["in_channels"], size=arch["image_size"],
+                      mean=tuple(arch["mean"]), std=tuple(arch["std"]), max_pixels=max_pixels)
 
 
 class AssignActor:
@@ -33,32 +58,57 @@ class AssignActor:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.centroids = torch.from_numpy(np.array(centroids, np.float32)).to(self.device)
 
+    def embed(self, pixels: np.ndarray) -> torch.Tensor:
+        """(n, C, H, W) float32 -> features (n, d) float32."""
+        x = torch.from_numpy(np.ascontiguousarray(pixels))
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.float16):
+                return self.model(x).float()
+        return self.model(x).float()
+
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        x = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device)
-        with torch.inference_mode():
-            labels, sqdist, second = assign(self.model(x).float(), self.centroids)
-        best, runner_up = sqdist.sqrt(), second.sqrt()
-        out = {"id": batch["id"], "cluster": labels.to(torch.int32).cpu().numpy(),
-               "distance": best.cpu().numpy().astype(np.float32),
-               "margin": (runner_up - best).cpu().numpy().astype(np.float32)}
-        if "label" in batch:
-            out["label"] = batch["label"]
+        n = len(batch["id"])
+        ok = batch["reason"] == "" if "reason" in batch else np.ones(n, bool)
+        cluster = np.full(n, -1, np.int32)
+        distance = np.full(n, np.nan, np.float32)
+        margin = np.full(n, np.nan, np.float32)
+        if ok.any():
+            with torch.inference_mode():
+                labels, sqdist, second = assign(self.embed(batch["pixels"][ok]), self.centroids)
+            best = sqdist.sqrt()
+            cluster[ok] = labels.to(torch.int32).cpu().numpy()
+            distance[ok] = best.cpu().numpy()
+            margin[ok] = (second.sqrt() - best).cpu().numpy()
+        out = {k: v for k, v in batch.items() if k != "pixels"}
+        out.update(cluster=cluster, distance=distance, margin=margin)
         return out
 
 
-def assignment_dataset(cfg: Config, input_uri: str, model_bytes: bytes, centroids: np.ndarray,
-                       rejects: Location | None) -> Any:
-    """Lazy dataset of assignment rows for every decodable image under ``input_uri``."""
+def settings_of(cfg: Config) -> AssignSettings:
+    return AssignSettings(cfg.data.decode_batch_size, cfg.cluster.assign_batch_size,
+                          cfg.scale.assign_actors, cfg.scale.gpu, cfg.data.max_pixels)
+
+
+def assignment_batches(files: list[str], filesystem: Any, has_label: bool, model_bytes: bytes,
+                       arch: dict[str, Any], centroids: np.ndarray,
+                       settings: AssignSettings) -> Iterator[pa.Table]:
+    """Stream assignment rows for every row of ``files`` (rejects included) to the driver."""
     import ray.data
 
-    images = read_images(input_uri, decode_spec(cfg), s3=cfg.s3, rejects=rejects,
-                         batch_size=cfg.data.decode_batch_size)
-    cpus = 0.5 if cfg.scale.gpu else 1.0
-    return images.map_batches(
+    ds = ray.data.read_parquet(files, filesystem=filesystem, include_paths=True)
+    ds = ds.select_columns(["id", "image", "path"] + (["label"] if has_label else []))
+    ds = ds.map_batches(DecodeImages(decode_spec_of(arch, settings.max_pixels),
+                                     inline_rejects=True),
+                        batch_size=settings.decode_batch_size, batch_format="numpy")
+    cpus = 0.5 if settings.gpu else 1.0
+    ds = ds.map_batches(
         AssignActor,
-        fn_constructor_kwargs={"model_bytes": model_bytes, "arch": model_arch(cfg),
+        fn_constructor_kwargs={"model_bytes": model_bytes, "arch": arch,
                                "centroids": centroids.astype(np.float32), "threads": cpus},
-        batch_size=cfg.cluster.assign_batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.scale.assign_actors),
-        num_cpus=cpus, num_gpus=1 if cfg.scale.gpu else 0,
+        batch_size=settings.assign_batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=settings.actors),
+        num_cpus=cpus, num_gpus=1 if settings.gpu else 0,
     )
+    yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)

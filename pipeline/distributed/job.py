@@ -9,11 +9,11 @@ import numpy as np
 import torch
 
 from pipeline.config import Config
-from pipeline.data.reader import decode_spec, read_images
+from pipeline.data.reader import decode_spec, find_shards, read_images
 from pipeline.distributed.centroid_server import create_server
 from pipeline.distributed.train import fit
 from pipeline.methods.online import initial_centroids
-from pipeline.models.arch import build_model
+from pipeline.models.arch import build_model, model_arch
 from pipeline.models.weights import save_bytes
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def initial_model(cfg: Config) -> torch.nn.Module:
 def sample_centroids(cfg: Config, images: Any, model: torch.nn.Module) -> np.ndarray:
     """Features of k random images (DESIGN §5.1), embedded in bounded batches: (k, d)."""
     k = cfg.cluster.k
-    sample = images.randomize_block_order(seed=cfg.train.seed).limit(k)
+    sample = images.select_columns(["pixels"]).randomize_block_order(seed=cfg.train.seed).limit(k)
     feats = [initial_centroids(model, b["pixels"])
              for b in sample.iter_torch_batches(batch_size=256, dtypes=torch.float32)]
     out = np.concatenate(feats) if feats else np.empty((0, cfg.model.feature_dim), np.float32)
@@ -58,8 +58,10 @@ def train_online(cfg: Config, input_uri: str, paths: RunPaths) -> TrainedModel:
 
     from pipeline.run import TrainedModel
 
+    has_label = find_shards(input_uri, cfg.s3).has_label
     images = read_images(input_uri, decode_spec(cfg), s3=cfg.s3,
-                         batch_size=cfg.data.decode_batch_size).select_columns(["pixels"])
+                         batch_size=cfg.data.decode_batch_size)
+    images = images.select_columns(["pixels"] + (["label"] if has_label else []))
     if cfg.data.cache_decoded:
         images = images.materialize()
     model = initial_model(cfg)
@@ -72,4 +74,5 @@ def train_online(cfg: Config, input_uri: str, paths: RunPaths) -> TrainedModel:
     ray.get(server.info.remote())  # started and reachable before the workers look it up
     outcome = fit(cfg, images, (name, namespace), paths.checkpoints, save_bytes(model))
     ray.kill(server, no_restart=True)
-    return TrainedModel(outcome.model_bytes, outcome.centroids, outcome.history)
+    return TrainedModel(outcome.model_bytes, model_arch(cfg), outcome.centroids,
+                        outcome.history)

@@ -16,6 +16,26 @@ _LOCAL_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",  # never phone home
     "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",  # 32 footer readers are slow on small nodes
 }
+VERBOSE_ENV = "PIPELINE_VERBOSE"  # set by pipeline.cli.setup_logging
+RAY_DATA_QUIET = os.path.join(os.path.dirname(__file__), "ray_data_logging.yaml")
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def _quiet_env() -> dict[str, str]:
+    """Environment that keeps Ray's console to warnings and progress (unless --verbose).
+
+    Ray Data reads its logging config at import, so this must be in place before
+    ``import ray.data`` in every process; worker processes get it through the job's
+    runtime_env. Everything still goes to the Ray session's log files.
+    """
+    if verbose():
+        return {}
+    return {"RAY_DATA_LOGGING_CONFIG": RAY_DATA_QUIET,
+            "RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL": "60",
+            "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning"}
 
 
 def init_ray(num_cpus: int | None = None, address: str | None = None,
@@ -27,14 +47,20 @@ def init_ray(num_cpus: int | None = None, address: str | None = None,
         return
     for key, value in _LOCAL_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    quiet = _quiet_env()
+    os.environ.update({k: v for k, v in quiet.items() if k != "PYTHONWARNINGS"})
+    logging_config = None if verbose() else ray.LoggingConfig(log_level="WARNING")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        # Workers on other nodes may not have this package at the driver's path, so only
+        # the log level travels (Ray Data's own INFO lines still show there).
+        ray.init(address=address, log_to_driver=True, logging_config=logging_config)
         return
     # The dashboard (on 127.0.0.1 only) also serves the State API that Ray Train polls;
     # without it every run logs "Failed to query Ray Train Controller actor state".
     ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)
+             _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False,
+             logging_config=logging_config, runtime_env={"env_vars": quiet} if quiet else None)
 
 
 def pin_threads(n: float | int) -> None:

@@ -15,7 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +29,7 @@ from pipeline.config import Config
 from pipeline.data import fs as fsx
 from pipeline.data.augment import AugmentSpec
 from pipeline.distributed.centroid_server import RemoteStore, fault_once
-from pipeline.distributed.runtime import pin_threads
+from pipeline.distributed.runtime import pin_threads, verbose
 from pipeline.kmeans.state_io import pack_state, unpack_state
 from pipeline.methods.online import OnlineLossSpec, OnlineWorker, make_optimizer
 from pipeline.models.arch import build_model
@@ -178,11 +181,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     worker.base_round = worker.version - worker.step // worker.sync_every
     shard = ray.train.get_dataset_shard("train")
     report = _Reporter(worker, cfg, rank)
+    progress = Progress(cfg.train.epochs, enabled=rank == 0)
     local_batch = cfg.train.batch_size // world
     for epoch in range(start_epoch, cfg.train.epochs):
-        batches = (b["pixels"] for b in shard.iter_torch_batches(
-            batch_size=local_batch, drop_last=True, local_shuffle_buffer_size=4 * local_batch,
-            local_shuffle_seed=cfg.train.seed + epoch))
+        batches = _batches(shard, local_batch, cfg.train.seed + epoch)
 
         def on_step(i: int, epoch: int = epoch) -> None:
             if rank == 0 and worker.step == cfg.debug.kill_worker_at_step:
@@ -190,12 +192,63 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                                     "_fault-worker"))
             if worker.step % cfg.scale.checkpoint_every_steps == 0:
                 report({"epoch": epoch, "step": worker.step}, epoch, i + 1)
+            progress.step(epoch, i + 1)
 
+        progress.start_epoch()
         parts = worker.run_epoch(batches, train_cnn=epoch >= cfg.train.warmup_epochs,
                                  skip=skip, on_step=on_step)
         skip = 0
         worker.history.append({"epoch": epoch, **parts})
+        progress.end_epoch(epoch, parts)
         report({"epoch": epoch, "step": worker.step, **parts}, epoch + 1, 0)
+
+
+def _batches(shard: Any, batch_size: int, seed: int) -> Iterator[Any]:
+    """(pixels (n, C, H, W) float tensor, labels (n,) or None) from this worker's shard."""
+    for b in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
+                                local_shuffle_buffer_size=4 * batch_size,
+                                local_shuffle_seed=seed):
+        x = torch.from_numpy(np.asarray(b["pixels"], dtype=np.float32))
+        yield (x, b["label"]) if "label" in b else x
+
+
+class Progress:
+    """Rank 0's progress lines: one per epoch, plus one every ``every_s`` within long epochs.
+
+    Written to the process's real stdout, which Ray forwards to the driver's console as it
+    happens (Ray Train routes ``print`` through its logger, which would double them).
+    """
+
+    def __init__(self, epochs: int, enabled: bool, every_s: float = 30.0):
+        self.epochs, self.enabled, self.every_s = epochs, enabled, every_s
+        self.t0 = self.last = time.perf_counter()
+
+    def start_epoch(self) -> None:
+        self.t0 = self.last = time.perf_counter()
+
+    def step(self, epoch: int, steps: int) -> None:
+        now = time.perf_counter()
+        if self.enabled and now - self.last >= self.every_s:
+            self.last = now
+            _say(f"epoch {epoch + 1}/{self.epochs}  step {steps}  {now - self.t0:.0f} s")
+
+    def end_epoch(self, epoch: int, parts: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        line = f"epoch {epoch + 1}/{self.epochs}"
+        for key, fmt in (("loss", "loss {:.4f}"), ("sqdist", "sqdist {:.4f}"),
+                         ("nmi", "NMI {:.3f}"), ("acc", "ACC {:.3f}"),
+                         ("images_per_s", "{:,.0f} images/s")):
+            if key in parts:
+                line += "  " + fmt.format(parts[key])
+        _say(f"{line}  ({time.perf_counter() - self.t0:.1f} s)")
+
+
+def _say(line: str) -> None:
+    out = sys.__stdout__
+    if out is not None:
+        out.write(line + "\n")
+        out.flush()
 
 
 # ------------------------------------------------------------------------------------------
@@ -205,7 +258,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def fit(cfg: Config, train_ds: Any, server: tuple[str, str | None], storage: Any,
         init_model: bytes | None) -> TrainOutcome:
     """Run (or resume) Ray Train for ``cfg`` with checkpoints under ``storage`` (Location)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     resources: dict[str, float] = {"CPU": cfg.scale.cpus_per_worker}
@@ -219,7 +272,8 @@ def fit(cfg: Config, train_ds: Any, server: tuple[str, str | None], storage: Any
         run_config=RunConfig(
             name="train", storage_path=storage.path, storage_filesystem=storage.fs,
             failure_config=FailureConfig(max_failures=cfg.scale.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig("INFO" if verbose() else "WARNING")),  # type: ignore[call-arg]
         datasets={"train": train_ds},
         torch_config=TorchConfig(backend="nccl" if cfg.scale.gpu else "gloo",
                                  timeout_s=cfg.scale.collective_timeout_s),

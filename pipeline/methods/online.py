@@ -35,6 +35,7 @@ from torch import nn
 
 from pipeline.data.augment import AugmentSpec, augment
 from pipeline.kmeans.stats import assign, drift_stats, partial_stats
+from pipeline.metrics import acc, nmi
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class StepStats:
     samples: torch.Tensor  # (m, d) recent features for the reservoir
     sqdist_sum: float = 0.0
     n: int = 0
+    labels: torch.Tensor | None = None  # (n,) assignments of the latest step (not summed)
 
     def add(self, other: StepStats) -> None:
         self.sums += other.sums
@@ -130,7 +132,7 @@ def kmeans_stats(f: torch.Tensor, centroids: torch.Tensor, f_new: torch.Tensor |
     else:
         drift, drift_counts = drift_stats(f, f_new, labels, k)
     return StepStats(sums, counts, drift, drift_counts, f[:n_samples].detach().clone(),
-                     float(sqdist.sum()), int(f.shape[0]))
+                     float(sqdist.sum()), int(f.shape[0]), labels)
 
 
 @dataclass
@@ -157,6 +159,7 @@ class OnlineWorker:
     base_round: int = 0  # store version that corresponds to step 0 of this session
     stall_timeout_s: float = 10.0
     history: list[dict[str, float]] = field(default_factory=list)
+    last_labels: torch.Tensor | None = None  # cluster of each image of the latest step
 
     def refresh(self, wait_for: int = -1) -> None:
         """Pull newer centroids; block (polling) until the store reaches ``wait_for``.
@@ -182,7 +185,7 @@ class OnlineWorker:
     def _take(self, got: tuple[int, np.ndarray] | None) -> None:
         if got is not None:
             self.version = got[0]
-            self.centroids = torch.from_numpy(np.ascontiguousarray(got[1])).to(self.device)
+            self.centroids = torch.from_numpy(np.array(got[1], np.float32)).to(self.device)
 
     def train_step(self, x: torch.Tensor, train_cnn: bool) -> dict[str, float]:
         """One step on a clean batch x (n, C, H, W); returns loss parts."""
@@ -195,6 +198,7 @@ class OnlineWorker:
             with torch.no_grad():
                 f = self.model(x)
             stats, parts = kmeans_stats(f, self.centroids, None), {}
+        self.last_labels = stats.labels
         self._accumulate(stats)
         parts["sqdist"] = stats.sqdist_sum / max(1, stats.n)
         self.step += 1
@@ -234,22 +238,31 @@ class OnlineWorker:
                         p.drift_counts.cpu().numpy(), self.worker, self.step // self.sync_every,
                         p.samples.cpu().numpy())
 
-    def run_epoch(self, batches: Iterable[torch.Tensor], train_cnn: bool, skip: int = 0,
+    def run_epoch(self, batches: Iterable[torch.Tensor | tuple[torch.Tensor, np.ndarray]],
+                  train_cnn: bool, skip: int = 0,
                   on_step: Callable[[int], None] | None = None) -> dict[str, float]:
-        """Train over ``batches`` (float (n, C, H, W) each); mean loss parts of the epoch.
+        """Train over ``batches``; mean loss parts of the epoch.
 
+        A batch is float (n, C, H, W), or ``(x, truth)`` with ground-truth labels (n,); then
+        the epoch also reports the NMI and ACC of the training-time assignments.
         ``skip`` batches are consumed without training (resuming inside an epoch);
         ``on_step(batch_index)`` runs after every trained step (checkpoint hooks).
         """
         totals: dict[str, float] = {"images": 0.0}
+        truth: list[np.ndarray] = []
+        pred: list[np.ndarray] = []
         n, start = 0, time.perf_counter()
-        for i, x in enumerate(batches):
+        for i, item in enumerate(batches):
             if i < skip:
                 continue
+            x, y = item if isinstance(item, tuple) else (item, None)
             parts = self.train_step(x.to(self.device, non_blocking=True), train_cnn)
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value
             totals["images"] += x.shape[0]
+            if y is not None and self.last_labels is not None:
+                truth.append(np.asarray(y))
+                pred.append(self.last_labels.cpu().numpy())
             n += 1
             if on_step is not None:
                 on_step(i)
@@ -257,6 +270,9 @@ class OnlineWorker:
         out = {key: value / max(1, n) for key, value in totals.items() if key != "images"}
         out["images"] = totals["images"]
         out["images_per_s"] = totals["images"] / max(1e-9, time.perf_counter() - start)
+        if truth:
+            y_true, y_pred = np.concatenate(truth).astype(str), np.concatenate(pred)
+            out["nmi"], out["acc"] = nmi(y_true, y_pred), acc(y_true, y_pred)
         return out
 
 
