@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-NAMES = ("quality", "ingest", "gpu_smoke")
+NAMES = ("quality", "ingest", "gpu_smoke", "throughput")
 
 
 def main() -> int:

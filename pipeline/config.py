@@ -24,6 +24,7 @@ import yaml
 Method = Literal["online", "deepcluster", "depict", "imc", "multiview"]
 Backbone = Literal["small_cnn", "resnet18", "resnet50"]
 Optimizer = Literal["sgd", "adam", "adamw"]
+AssignDecode = Literal["tasks", "actor"]
 
 
 class ConfigError(ValueError):
@@ -129,6 +130,11 @@ class ScaleConfig:
     cpus_per_worker: float = 1.0  # lower (0.5) on 2-core machines to leave CPU for Ray Data
     threads_per_worker: int = 0  # torch threads per train worker; 0 = cpus_per_worker
     assign_actors: int = 1  # model+centroids actors in the assignment pass
+    assign_cpus_per_actor: float = 1.0  # CPUs (and torch threads) per assignment actor
+    # "tasks": decode in Ray Data tasks (can use CPU-only nodes next to GPU actors);
+    # "actor": decode inside the assignment actor (no pixel arrays through the object store).
+    assign_decode: AssignDecode = "tasks"
+    read_cpus: float = 1.0  # CPUs per Parquet read task; lower it when actors fill the node
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     checkpoint_every_steps: int = 200  # also at every epoch end
     collective_timeout_s: int = 600  # gloo/nccl timeout; the 1800 s default hides hangs
@@ -327,6 +333,7 @@ _NON_NEGATIVE = [
     "report.nearest", "report.random", "online.compactness_weight", "online.consistency_weight", "online.entropy_weight", "train.momentum",
 ]  # fmt: skip
 _POSITIVE = ["train.lr", "online.temperature", "scale.cpus_per_worker",
+             "scale.assign_cpus_per_actor", "scale.read_cpus",
              "s3.connect_timeout_s", "s3.request_timeout_s"]  # fmt: skip
 
 

@@ -122,11 +122,11 @@ def _train_stage(cfg: Config, input_uri: str, paths: RunPaths) -> TrainedModel:
     from pipeline.distributed.job import train_online
 
     trained = train_online(cfg, input_uri, paths)
-    _save_trained(cfg, trained, paths)
+    save_trained(cfg, trained, paths)
     return trained
 
 
-def _save_trained(cfg: Config, trained: TrainedModel, paths: RunPaths) -> None:
+def save_trained(cfg: Config, trained: TrainedModel, paths: RunPaths) -> None:
     buf = io.BytesIO()
     np.save(buf, trained.centroids.astype(np.float32))
     fsx.write_bytes_atomic(paths.centroids, buf.getvalue())

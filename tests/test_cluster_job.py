@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -39,7 +40,8 @@ def test_outputs_metrics_and_resume(digits_shards, tmp_path):
     out = str(tmp_path / "run")
     metrics = run_job(digits_shards, out)
     for name in ("config.yaml", "centroids.npy", "centroids.json", "metrics.json",
-                 "model/model.safetensors", "model/model.json", "assignments/_SUCCESS"):
+                 "model/model.safetensors", "model/model.json", "assignments/_SUCCESS",
+                 "outliers.json", "report.html", "history.json"):
         assert os.path.exists(os.path.join(out, name)), name
     assert metrics["n_images"] == 1797 and metrics["k"] == 5 and metrics["rejects"] == 0
     assert set(metrics["cluster_sizes"]) >= {"min", "median", "max", "empty"}
@@ -49,6 +51,10 @@ def test_outputs_metrics_and_resume(digits_shards, tmp_path):
     assert set(table.column_names) >= {"id", "cluster", "distance", "margin", "label"}
     assert table.num_rows == 1797 and len(set(table["id"].to_pylist())) == 1797
     assert min(table["margin"].to_pylist()) >= 0
+    shards = sorted(p.name for p in Path(digits_shards).glob("*.parquet"))
+    assert sorted(p.name for p in Path(out, "assignments").glob("*.parquet")) == shards
+    assert len(metrics["epochs"]) == 2 and "nmi" in metrics["epochs"][-1]  # per-epoch NMI
+    assert metrics["epochs"][-1]["images"] > 0
     mtime = os.path.getmtime(os.path.join(out, "model", "model.safetensors"))
     again = run_job(digits_shards, out)  # re-run: finished stages are skipped
     assert os.path.getmtime(os.path.join(out, "model", "model.safetensors")) == mtime

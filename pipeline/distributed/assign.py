@@ -38,6 +38,9 @@ class AssignSettings:
     actors: int = 1
     gpu: bool = False
     max_pixels: int = 50_000_000
+    actor_cpus: float = 1.0  # CPUs reserved per actor (and its torch threads)
+    read_cpus: float = 1.0  # CPUs per Parquet read task
+    decode_in_actor: bool = False  # decode inside the actor: no pixel arrays cross processes
 
 
 def decode_spec_of(arch: dict[str, Any], max_pixels: int) -> DecodeSpec:
@@ -50,8 +53,9 @@ class AssignActor:
     """Stateful Ray Data UDF: decoded rows -> assignment rows."""
 
     def __init__(self, model_bytes: bytes, arch: dict[str, Any], centroids: np.ndarray,
-                 threads: float = 1.0):
+                 threads: float = 1.0, decode: DecodeImages | None = None):
         pin_threads(threads)
+        self.decode = decode
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(model_bytes, arch, self.device)
         if self.device.type == "cuda":
@@ -69,6 +73,8 @@ class AssignActor:
         return self.model(x).float()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self.decode is not None:
+            batch = self.decode(batch)
         n = len(batch["id"])
         ok = batch["reason"] == "" if "reason" in batch else np.ones(n, bool)
         cluster = np.full(n, -1, np.int32)
@@ -87,8 +93,11 @@ class AssignActor:
 
 
 def settings_of(cfg: Config) -> AssignSettings:
+    s = cfg.scale
     return AssignSettings(cfg.data.decode_batch_size, cfg.cluster.assign_batch_size,
-                          cfg.scale.assign_actors, cfg.scale.gpu, cfg.data.max_pixels)
+                          s.assign_actors, s.gpu, cfg.data.max_pixels,
+                          actor_cpus=0.5 if s.gpu else s.assign_cpus_per_actor,
+                          read_cpus=s.read_cpus, decode_in_actor=s.assign_decode == "actor")
 
 
 def assignment_batches(files: list[str], filesystem: Any, has_label: bool, model_bytes: bytes,
@@ -97,18 +106,21 @@ def assignment_batches(files: list[str], filesystem: Any, has_label: bool, model
     """Stream assignment rows for every row of ``files`` (rejects included) to the driver."""
     import ray.data
 
-    ds = ray.data.read_parquet(files, filesystem=filesystem, include_paths=True)
+    ds = ray.data.read_parquet(files, filesystem=filesystem, include_paths=True,
+                               num_cpus=settings.read_cpus)
     ds = ds.select_columns(["id", "image", "path"] + (["label"] if has_label else []))
-    ds = ds.map_batches(DecodeImages(decode_spec_of(arch, settings.max_pixels),
-                                     inline_rejects=True),
-                        batch_size=settings.decode_batch_size, batch_format="numpy")
-    cpus = 0.5 if settings.gpu else 1.0
+    decode = DecodeImages(decode_spec_of(arch, settings.max_pixels), inline_rejects=True)
+    if not settings.decode_in_actor:
+        ds = ds.map_batches(decode, batch_size=settings.decode_batch_size,
+                            batch_format="numpy")
     ds = ds.map_batches(
         AssignActor,
         fn_constructor_kwargs={"model_bytes": model_bytes, "arch": arch,
-                               "centroids": centroids.astype(np.float32), "threads": cpus},
+                               "centroids": centroids.astype(np.float32),
+                               "threads": settings.actor_cpus,
+                               "decode": decode if settings.decode_in_actor else None},
         batch_size=settings.assign_batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=settings.actors),
-        num_cpus=cpus, num_gpus=1 if settings.gpu else 0,
+        num_cpus=settings.actor_cpus, num_gpus=1 if settings.gpu else 0,
     )
     yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
