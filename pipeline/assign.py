@@ -28,7 +28,7 @@ import signal
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -74,10 +74,10 @@ class AssignStats:
     rejects: int = 0
     outliers: int = 0
     seconds: float = 0.0
-    per_shard_s: list[float] = field(default_factory=list)
+    first_shard_s: float = 0.0  # start-up: until the first shard was complete
 
     def as_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k != "per_shard_s"}
+        out: dict[str, Any] = dict(self.__dict__)
         out["images_per_s"] = round(self.rows / max(self.seconds, 1e-9), 2)
         return out
 
@@ -229,6 +229,8 @@ def run_assignment(tasks: list[ShardTask], batches: Iterator[pa.Table], out_root
             assigned, rejects = split_shard(task, table, thresholds)
             pending.append(pool.submit(write_shard, out_root, task, assigned, rejects))
             _count(stats, task, assigned, rejects)
+            if stats.shards == 1:
+                stats.first_shard_s = time.perf_counter() - start
             if stats.shards == kill_after_shards:
                 _die_after(pending)
 

@@ -52,9 +52,15 @@ def decode_spec_of(arch: dict[str, Any], max_pixels: int) -> DecodeSpec:
 class AssignActor:
     """Stateful Ray Data UDF: decoded rows -> assignment rows."""
 
-    def __init__(self, model_bytes: bytes, arch: dict[str, Any], centroids: np.ndarray,
+    def __init__(self, model_bytes: Any, arch: dict[str, Any], centroids: np.ndarray,
                  threads: float = 1.0, decode: DecodeImages | None = None):
+        """``model_bytes``: safetensors bytes, or an ObjectRef to them (the driver puts the
+        weights in the object store once instead of shipping them inside the UDF)."""
         pin_threads(threads)
+        if not isinstance(model_bytes, bytes):
+            import ray
+
+            model_bytes = ray.get(model_bytes)
         self.decode = decode
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(model_bytes, arch, self.device)
@@ -92,6 +98,27 @@ class AssignActor:
         return out
 
 
+class ReadShards:
+    """Ray Data UDF: a batch of shard paths -> their rows (id, image, path[, label]), one
+    row group per output batch, so a large shard never sits in memory whole."""
+
+    def __init__(self, filesystem: Any, has_label: bool):
+        self.fs, self.columns = filesystem, ["id", "image"] + (["label"] if has_label else [])
+
+    def __call__(self, batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        import pyarrow.parquet as pq
+
+        for path in batch["path"]:
+            with self.fs.open_input_file(str(path)) as fh:
+                shard = pq.ParquetFile(fh)
+                for i in range(shard.num_row_groups):
+                    table = shard.read_row_group(i, columns=self.columns)
+                    out = {c: table.column(c).to_numpy(zero_copy_only=False)
+                           for c in self.columns}
+                    out["path"] = np.full(table.num_rows, str(path), dtype=object)
+                    yield out
+
+
 def settings_of(cfg: Config) -> AssignSettings:
     s = cfg.scale
     return AssignSettings(cfg.data.decode_batch_size, cfg.cluster.assign_batch_size,
@@ -106,16 +133,18 @@ def assignment_batches(files: list[str], filesystem: Any, has_label: bool, model
     """Stream assignment rows for every row of ``files`` (rejects included) to the driver."""
     import ray.data
 
-    ds = ray.data.read_parquet(files, filesystem=filesystem, include_paths=True,
-                               num_cpus=settings.read_cpus)
-    ds = ds.select_columns(["id", "image", "path"] + (["label"] if has_label else []))
+    # One read task per shard, streaming its row groups: read_parquet packs small shards into
+    # a few blocks, which left most of the actor pool idle and delayed every shard's output.
+    ds: Any = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+    ds = ds.map_batches(ReadShards(filesystem, has_label), batch_size=1, batch_format="numpy",
+                        num_cpus=settings.read_cpus)
     decode = DecodeImages(decode_spec_of(arch, settings.max_pixels), inline_rejects=True)
     if not settings.decode_in_actor:
         ds = ds.map_batches(decode, batch_size=settings.decode_batch_size,
                             batch_format="numpy")
     ds = ds.map_batches(
         AssignActor,
-        fn_constructor_kwargs={"model_bytes": model_bytes, "arch": arch,
+        fn_constructor_kwargs={"model_bytes": ray.put(model_bytes), "arch": arch,
                                "centroids": centroids.astype(np.float32),
                                "threads": settings.actor_cpus,
                                "decode": decode if settings.decode_in_actor else None},
