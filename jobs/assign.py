@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.cli import run_main, setup_logging
+from pipeline.cli import job_main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,19 +31,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def run(args: argparse.Namespace) -> int:
+    from pipeline.assign_job import assign_job
+    from pipeline.summary import assign_rows, print_table
+
+    result = assign_job(args.run, args.input, args.output, args.set)
+    print_table(assign_rows(result.as_dict()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    log_path = setup_logging(args.verbose)
-
-    def run() -> int:
-        from pipeline.assign_job import assign_job
-        from pipeline.summary import assign_rows, print_table
-
-        result = assign_job(args.run, args.input, args.output, args.set)
-        print_table(assign_rows(result.as_dict()))
-        return 0
-
-    return run_main(run, args.verbose, log_path)
+    return job_main(parse_args(argv), run)
 
 
 if __name__ == "__main__":

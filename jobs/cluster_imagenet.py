@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.cli import run_main, setup_logging
+from pipeline.cli import job_main
 from pipeline.config import Config, ConfigError, resolve
 
 IMPLEMENTED = ("online",)
@@ -65,19 +65,17 @@ def _input_in(args: argparse.Namespace) -> bool:
     return bool(args.config and resolve(Config, args.config).data.input)
 
 
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args)  # a bad config fails here, before Ray starts
+    from pipeline.run import run as run_clustering
+    from pipeline.summary import print_summary
+
+    print_summary(run_clustering(cfg), cfg.data.output)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    log_path = setup_logging(args.verbose)
-
-    def run() -> int:
-        cfg = load_config(args)  # a bad config fails here, before Ray starts
-        from pipeline.run import run as run_clustering
-        from pipeline.summary import print_summary
-
-        print_summary(run_clustering(cfg), cfg.data.output)
-        return 0
-
-    return run_main(run, args.verbose, log_path)
+    return job_main(parse_args(argv), run)
 
 
 if __name__ == "__main__":

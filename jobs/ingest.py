@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.cli import run_main, setup_logging
+from pipeline.cli import job_main
 from pipeline.config import IngestConfig, resolve
 
 
@@ -31,26 +31,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def run(args: argparse.Namespace) -> int:
+    flags = {"source": args.source, "output": args.output,
+             "labels_from_folders": args.labels_from_folders, "overwrite": args.overwrite}
+    cfg = resolve(IngestConfig, args.config, args.set, flags)
+    from pipeline.data.ingest import ingest
+    from pipeline.distributed.runtime import init_ray
+
+    init_ray()
+    result = ingest(cfg)
+    state = "already complete, nothing done" if result.skipped else \
+        f"{result.images_per_s:.0f} images/s"
+    print(f"{result.output}: {result.rows} rows, {result.rejects} rejects, "
+          f"{len(result.label_counts)} labels ({state})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    log_path = setup_logging(args.verbose)
-
-    def run() -> int:
-        flags = {"source": args.source, "output": args.output,
-                 "labels_from_folders": args.labels_from_folders, "overwrite": args.overwrite}
-        cfg = resolve(IngestConfig, args.config, args.set, flags)
-        from pipeline.data.ingest import ingest
-        from pipeline.distributed.runtime import init_ray
-
-        init_ray()
-        result = ingest(cfg)
-        state = "already complete, nothing done" if result.skipped else \
-            f"{result.images_per_s:.0f} images/s"
-        print(f"{result.output}: {result.rows} rows, {result.rejects} rejects, "
-              f"{len(result.label_counts)} labels ({state})")
-        return 0
-
-    return run_main(run, args.verbose, log_path)
+    return job_main(parse_args(argv), run)
 
 
 if __name__ == "__main__":

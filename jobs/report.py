@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.cli import run_main, setup_logging
+from pipeline.cli import job_main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,19 +25,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def run(args: argparse.Namespace) -> int:
+    from pipeline.config import Config, resolve
+    from pipeline.report import write_report
+
+    s3 = resolve(Config, overrides=args.set).s3
+    print(write_report(args.run, s3, args.set))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    log_path = setup_logging(args.verbose)
-
-    def run() -> int:
-        from pipeline.config import Config, resolve
-        from pipeline.report import write_report
-
-        s3 = resolve(Config, overrides=args.set).s3
-        print(write_report(args.run, s3, args.set))
-        return 0
-
-    return run_main(run, args.verbose, log_path)
+    return job_main(parse_args(argv), run)
 
 
 if __name__ == "__main__":

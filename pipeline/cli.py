@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -30,6 +31,13 @@ def setup_logging(verbose: bool) -> str:
     for noisy in ("ray", "urllib3", "botocore", "s3fs", "fsspec", "filelock"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
     return log_path
+
+
+def job_main(args: argparse.Namespace, body: Callable[[argparse.Namespace], int]) -> int:
+    """The whole ``main`` of a job script: logging per ``args.verbose``, then ``body(args)``
+    under :func:`run_main`."""
+    log_path = setup_logging(args.verbose)
+    return run_main(lambda: body(args), args.verbose, log_path)
 
 
 def run_main(main: Callable[[], int], verbose: bool, log_path: str) -> int:
