@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-NAMES = ("quality", "ingest", "gpu_smoke", "throughput")
+NAMES = ("quality", "ingest", "gpu_smoke", "throughput", "kmeans")
 
 
 def main() -> int:
