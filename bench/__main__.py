@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-NAMES = ("quality", "ingest", "gpu_smoke", "throughput", "kmeans")
+NAMES = ("quality", "ingest", "gpu_smoke", "throughput", "kmeans", "centroid_server")
 
 
 def main() -> int:

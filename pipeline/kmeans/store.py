@@ -31,7 +31,7 @@ import numpy as np
 
 from pipeline.kmeans.minibatch import Reservoir, apply_drift, minibatch_update, reseed_starved
 
-_STAT_KEYS = ("sums", "counts", "drift", "drift_counts", "workers")
+_STAT_KEYS = ("rows", "sums", "counts", "drift", "drift_counts", "workers")
 
 
 class CentroidStore:
@@ -72,6 +72,12 @@ class CentroidStore:
         self.next_round = 0  # every round below this was applied (or skipped)
         self.pending: dict[int, dict[str, Any]] = {}
         self.reseeded = 0  # clusters reseeded so far
+        self._track_rows()
+
+    def _track_rows(self) -> None:
+        """Restart per-row change tracking (for :meth:`pull_rows`) at the current version."""
+        self._tracked_from = self._version
+        self._row_version = np.full(self.k, self._version, dtype=np.int64)
 
     @property
     def version(self) -> int:
@@ -88,7 +94,7 @@ class CentroidStore:
 
     def push(self, sums: np.ndarray, counts: np.ndarray, drift: np.ndarray | None = None,
              drift_counts: np.ndarray | None = None, worker: int = 0, step: int = 0,
-             samples: np.ndarray | None = None) -> int:
+             samples: np.ndarray | None = None, rows: np.ndarray | None = None) -> int:
         """Add one worker's statistics for round ``step``; apply rounds that are ready.
 
         Args:
@@ -98,11 +104,15 @@ class CentroidStore:
                 (:func:`~pipeline.kmeans.stats.drift_stats`); both or neither.
             worker: the pushing worker's rank; step: its round counter at the push.
             samples: (m, d) recent feature rows for the reseeding reservoir.
+            rows: optional sparse form: sorted unique cluster ids (r,), and then ``sums`` and
+                ``drift`` are (r, d), holding only those rows (every row with a non-zero
+                count must be listed). The dense form is reduced to this internally, so a
+                round costs O(touched rows · d), not O(k · d).
 
         Returns:
             The current version.
         """
-        entry = self._entry(sums, counts, drift, drift_counts, worker)
+        entry = self._entry(sums, counts, drift, drift_counts, worker, rows)
         if samples is not None and len(samples):
             self.reservoir.add(np.asarray(samples, dtype=np.float32))
         step = int(step)
@@ -119,23 +129,47 @@ class CentroidStore:
             return None
         return self._version, self.centroids.copy()
 
-    def _entry(self, sums: Any, counts: Any, drift: Any, drift_counts: Any,
-               worker: int) -> dict[str, Any]:
-        """Validated float64/int64 copies of one push."""
+    def pull_rows(self, since_version: int) -> tuple[int, np.ndarray | None, np.ndarray] | None:
+        """Only what changed after ``since_version``: ``(version, row ids (m,), rows (m, d))``.
+
+        None when nothing is newer. Row ids are None, and rows the full (k, d) copy, when
+        ``since_version`` predates this store's row tracking (it was created or reloaded
+        later), so a caller patching a cached copy never misses a change.
+        """
+        if self._version <= since_version:
+            return None
+        if since_version < self._tracked_from:
+            return self._version, None, self.centroids.copy()
+        idx = np.flatnonzero(self._row_version > since_version)
+        return self._version, idx, self.centroids[idx].copy()
+
+    def _entry(self, sums: Any, counts: Any, drift: Any, drift_counts: Any, worker: int,
+               rows: Any) -> dict[str, Any]:
+        """Validated sparse float64/int64 copies of one push (see :meth:`push`)."""
         k, d = self.centroids.shape
-        entry: dict[str, Any] = {
-            "sums": np.array(sums, dtype=np.float64), "counts": np.array(counts, dtype=np.int64),
-            "drift": None if drift is None else np.array(drift, dtype=np.float64),
-            "drift_counts": None if drift_counts is None else np.array(drift_counts, np.int64),
-            "workers": np.array([worker], dtype=np.int64)}
-        if entry["sums"].shape != (k, d) or entry["counts"].shape != (k,):
-            raise ValueError(f"push: expected sums ({k}, {d}) and counts ({k},), got "
-                             f"{entry['sums'].shape} and {entry['counts'].shape}")
+        counts = np.array(counts, dtype=np.int64)
+        drift_counts = None if drift_counts is None else np.array(drift_counts, np.int64)
+        if counts.shape != (k,) or (drift_counts is not None and drift_counts.shape != (k,)):
+            raise ValueError(f"push: expected counts and drift_counts ({k},)")
         if (drift is None) != (drift_counts is None):
             raise ValueError("push: drift and drift_counts go together")
-        if drift is not None and (entry["drift"].shape != (k, d)
-                                  or entry["drift_counts"].shape != (k,)):
-            raise ValueError(f"push: expected drift ({k}, {d}) and drift_counts ({k},)")
+        if rows is None:
+            rows = touched_rows(counts, drift_counts)
+            sums, drift = _rows_of(sums, rows, k, d, "sums"), _rows_of(drift, rows, k, d, "drift")
+        else:
+            rows = np.asarray(rows, dtype=np.int64)
+            if rows.ndim != 1 or (rows.size and (rows[0] < 0 or rows[-1] >= k
+                                                 or np.any(np.diff(rows) <= 0))):
+                raise ValueError(f"push: rows must be sorted unique ids in [0, {k})")
+            if np.setdiff1d(touched_rows(counts, drift_counts), rows).size:
+                raise ValueError("push: rows must list every cluster with a non-zero count")
+        entry = {"rows": rows, "sums": np.array(sums, dtype=np.float64), "counts": counts,
+                 "drift": None if drift is None else np.array(drift, dtype=np.float64),
+                 "drift_counts": drift_counts, "workers": np.array([worker], dtype=np.int64)}
+        for key in ("sums", "drift"):
+            if entry[key] is not None and entry[key].shape != (rows.size, d):
+                raise ValueError(f"push: expected {key} ({rows.size}, {d}) for {rows.size} "
+                                 f"rows, got {entry[key].shape}")
         return entry
 
     def _merge(self, step: int, entry: dict[str, Any]) -> None:
@@ -143,11 +177,21 @@ class CentroidStore:
         if have is None:
             self.pending[step] = entry
             return
-        have["sums"] += entry["sums"]
-        have["counts"] += entry["counts"]
-        for key in ("drift", "drift_counts"):
-            if entry[key] is not None:
-                have[key] = entry[key] if have[key] is None else have[key] + entry[key]
+        rows = np.union1d(have["rows"], entry["rows"])
+        d = self.dim
+        for key in ("sums", "drift"):
+            if have[key] is None and entry[key] is None:
+                continue
+            out = np.zeros((rows.size, d), dtype=np.float64)
+            for part in (have, entry):
+                if part[key] is not None:
+                    out[np.searchsorted(rows, part["rows"])] += part[key]
+            have[key] = out
+        have["rows"] = rows
+        have["counts"] = have["counts"] + entry["counts"]
+        if entry["drift_counts"] is not None:
+            have["drift_counts"] = (entry["drift_counts"] if have["drift_counts"] is None
+                                    else have["drift_counts"] + entry["drift_counts"])
         have["workers"] = np.concatenate([have["workers"], entry["workers"]])
 
     def _apply_ready(self) -> None:
@@ -168,14 +212,20 @@ class CentroidStore:
             self.next_round = s + 1
 
     def _apply(self, entry: dict[str, Any]) -> None:
-        """One round: mini-batch update, drift, moving counts, version, periodic reseed."""
-        minibatch_update(self.centroids, self.weights, entry["sums"], entry["counts"])
+        """One round: mini-batch update, drift, moving counts, version, periodic reseed.
+
+        Only the entry's rows are read and written: (r, d) work for r touched clusters.
+        """
+        rows = entry["rows"]
+        c, w = self.centroids[rows], self.weights[rows]
+        minibatch_update(c, w, entry["sums"], entry["counts"][rows])
         if entry["drift"] is not None and self.drift_smoothing:
-            apply_drift(self.centroids, entry["drift"], entry["drift_counts"],
-                        self.drift_smoothing)
+            apply_drift(c, entry["drift"], entry["drift_counts"][rows], self.drift_smoothing)
+        self.centroids[rows], self.weights[rows] = c, w
         self.recent *= self.recent_decay
         self.recent += (1.0 - self.recent_decay) * entry["counts"]
         self._version += 1
+        self._row_version[rows] = self._version
         if self._version % self.reseed_every == 0:
             self._reseed()
 
@@ -186,6 +236,7 @@ class CentroidStore:
             rest = np.ones(self.k, dtype=bool)
             rest[moved] = False
             self.recent[moved] = self.recent[rest].min()  # a grace period, like the weights
+            self._row_version[moved] = self._version
             self.reseeded += len(moved)
 
     def state(self) -> dict[str, Any]:
@@ -205,10 +256,32 @@ class CentroidStore:
         self.recent = np.array(state["recent"], dtype=np.float64, copy=True)
         self._version = int(state["version"])
         self.next_round = int(state["next_round"])
-        self.pending = {int(s): {key: None if r[key] is None else np.array(r[key], copy=True)
+        self.pending = {int(s): {key: None if r.get(key) is None else np.array(r[key], copy=True)
                                  for key in _STAT_KEYS}
                         for s, r in state["pending"].items()}
         self.reservoir.load_state(state["reservoir"])
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = state["rng"]
         self.reseeded = int(state["reseeded"])
+        for entry in self.pending.values():
+            if entry.get("rows") is None:  # saved by a version with dense rounds
+                entry["rows"] = np.arange(self.k, dtype=np.int64)
+        self._track_rows()
+
+
+def touched_rows(counts: np.ndarray, drift_counts: np.ndarray | None) -> np.ndarray:
+    """Sorted ids (r,) of the clusters with a non-zero count or drift count."""
+    hit = counts != 0
+    if drift_counts is not None:
+        hit |= drift_counts != 0
+    return np.flatnonzero(hit)
+
+
+def _rows_of(dense: Any, rows: np.ndarray, k: int, d: int, name: str) -> np.ndarray | None:
+    """``dense[rows]`` after checking that ``dense`` is (k, d); None stays None."""
+    if dense is None:
+        return None
+    dense = np.asarray(dense)
+    if dense.shape != (k, d):
+        raise ValueError(f"push: expected {name} ({k}, {d}), got {dense.shape}")
+    return dense[rows]

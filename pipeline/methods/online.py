@@ -49,6 +49,9 @@ class CentroidClient(Protocol):
 
     def pull(self, since_version: int = -1) -> tuple[int, np.ndarray] | None: ...
 
+    def pull_rows(self, since_version: int
+                  ) -> tuple[int, np.ndarray | None, np.ndarray] | None: ...
+
 
 @dataclass(frozen=True)
 class OnlineLossSpec:
@@ -171,7 +174,10 @@ class OnlineWorker:
         """
         deadline = time.monotonic() + self.stall_timeout_s
         while True:
-            self._take(self.store.pull(self.version))
+            if self.centroids is None:
+                self._take(self.store.pull(-1))
+            else:
+                self._take_rows(self.store.pull_rows(self.version))
             if self.version >= wait_for:
                 return
             if time.monotonic() > deadline:
@@ -186,6 +192,20 @@ class OnlineWorker:
         if got is not None:
             self.version = got[0]
             self.centroids = torch.from_numpy(np.array(got[1], np.float32)).to(self.device)
+
+    def _take_rows(self, got: tuple[int, np.ndarray | None, np.ndarray] | None) -> None:
+        """Patch the local centroids with the rows changed since our version (m, d)."""
+        if got is None:
+            return
+        version, idx, rows = got
+        if idx is None:
+            self._take((version, rows))
+            return
+        assert self.centroids is not None
+        if len(idx):
+            self.centroids[torch.as_tensor(np.array(idx, np.int64), device=self.device)] = (
+                torch.from_numpy(np.array(rows, np.float32)).to(self.device))
+        self.version = version
 
     def train_step(self, x: torch.Tensor, train_cnn: bool) -> dict[str, float]:
         """One step on a clean batch x (n, C, H, W); returns loss parts."""
