@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-NAMES = ("quality", "ingest", "gpu_smoke", "throughput", "kmeans", "centroid_server")
+NAMES = ("quality", "ingest", "gpu_smoke", "throughput", "kmeans", "centroid_server", "memory",
+         "gpu_throughput")
 
 
 def main() -> int:

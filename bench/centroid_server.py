@@ -135,6 +135,47 @@ def measure(pool: list[Any], k: int, d: int, steps: int, repeats: int) -> dict[s
             "server_runs_s": [round(t, 4) for t in server]}
 
 
+def server_capacity(k: int, d: int, batch: int, calls: int) -> dict[str, Any]:
+    """What one server actor sustains when flooded from the driver: sparse pushes of a
+    ``batch``-image step (its touched rows), then row-delta pulls one version back.
+
+    These feed the scale estimate in bench/README.md: a worker costs the server one push
+    and one pull per ``sync_every`` steps. Counts are uniform random, so many clusters look
+    starved and every reseeding check (every 20 rounds, the ``cluster.reseed_every``
+    default) moves the maximum 64: a worst case for the server's time per round.
+    """
+    import ray
+
+    from pipeline.distributed.centroid_server import create_server
+    from pipeline.kmeans.store import touched_rows
+
+    rng = np.random.default_rng(0)
+    server = create_server(f"bench-cap-{k}-{d}-{time.monotonic_ns()}", None, unit_rows(k, d),
+                           {"num_workers": 1, "reseed_every": 20}, None, None)
+    ray.get(server.info.remote())
+    payloads = []
+    for _ in range(8):
+        counts = np.bincount(rng.integers(0, k, batch), minlength=k)
+        rows = touched_rows(counts, None)
+        payloads.append((rng.normal(size=(rows.size, d)).astype(np.float32), counts,
+                         rng.normal(size=(32, d)).astype(np.float32), rows))
+    start, refs = time.perf_counter(), []
+    for i in range(calls):
+        sums, counts, samples, rows = payloads[i % len(payloads)]
+        refs.append(server.push.remote(sums, counts, None, None, 0, i, samples, rows))
+    ray.get(refs)
+    push_s = (time.perf_counter() - start) / calls
+    version = ray.get(server.info.remote())["version"]
+    start = time.perf_counter()
+    ray.get([server.pull_rows.remote(version - 1) for _ in range(calls)])
+    pull_s = (time.perf_counter() - start) / calls
+    ray.kill(server)
+    return {"k": k, "d": d, "batch": batch, "touched_rows": int(np.mean(
+        [p[3].size for p in payloads])), "push_ms": round(push_s * 1e3, 3),
+        "pull_ms": round(pull_s * 1e3, 3),
+        "worker_steps_per_s_capacity": round(1.0 / (push_s + pull_s), 1)}
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m bench centroid_server")
     p.add_argument("--quick", action="store_true")
@@ -160,12 +201,20 @@ def main(argv: list[str]) -> int:
                   f"{row['overhead']:+.1%}", flush=True)
         for w in pool:
             ray.kill(w)
+    capacity = []
+    for (k, d), batch in itertools.product(itertools.product(ks, ds), (64, 256)):
+        cap = server_capacity(k, d, batch, 100 if args.quick else 300)
+        capacity.append(cap)
+        print(f"  capacity k={k:>5} d={d:>4} batch={batch}: push {cap['push_ms']:.2f} ms, pull "
+              f"{cap['pull_ms']:.2f} ms -> {cap['worker_steps_per_s_capacity']:,.0f} worker "
+              "steps/s", flush=True)
     target = [r for r in rows if r["k"] == 1000 and r["d"] == 512]
     value = max(r["overhead"] for r in target)
     headline = {"name": "sync_overhead_k1000_d512", "value": value, "target": 0.10,
                 "meets": value <= 0.10}
     path = write_result("centroid_server" + ("-quick" if args.quick else ""), headline,
-                        {"rows": rows, "batch_per_worker": BATCH, "steps": steps,
+                        {"rows": rows, "server_capacity": capacity,
+                         "batch_per_worker": BATCH, "steps": steps,
                          "repeats": repeats, "ddp": "gloo, both modes",
                          "model": "small_cnn width 16, 32 px, 1 thread per worker",
                          "quick": args.quick})

@@ -45,7 +45,7 @@ def assign_rate(backbone: str, size: int, batch: int, steps: int = 20) -> float:
     from pipeline.models.weights import save_bytes
 
     arch = {"backbone": backbone, "in_channels": 3, "feature_dim": 128, "normalize": True,
-            "width": 32}
+            "width": 32, "mean": [0.5], "std": [0.25]}
     actor = AssignActor(save_bytes(build_from_arch(arch)), arch,
                         np.random.default_rng(0).normal(size=(1000, 128)).astype(np.float32))
     pixels = np.random.default_rng(1).normal(size=(batch, 3, size, size)).astype(np.float32)

@@ -122,6 +122,9 @@ def bare_forward(arch: dict[str, Any], n: int, batch: int, device: str) -> float
     model = build_from_arch(arch).to(device).eval()
     x = torch.randn(batch, arch["in_channels"], arch["image_size"], arch["image_size"],
                     device=device)
+    if device == "cuda":  # as AssignActor does on a GPU
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     autocast = torch.autocast("cuda", dtype=torch.float16, enabled=device == "cuda")
     with torch.inference_mode(), autocast:
         model(x)

@@ -22,7 +22,7 @@ import sys
 from pipeline.cli import job_main
 from pipeline.config import Config, ConfigError, resolve
 
-IMPLEMENTED = ("online",)
+IMPLEMENTED = ("online", "deepcluster")
 
 # The embedded demo (no --input): scikit-learn's 8x8 digits need neither 28 px nor a wide net;
 # these settings finish in about two minutes on 2 cores. Any flag or --set still wins.

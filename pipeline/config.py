@@ -25,6 +25,8 @@ Method = Literal["online", "deepcluster", "depict", "imc", "multiview"]
 Backbone = Literal["small_cnn", "resnet18", "resnet50"]
 Optimizer = Literal["sgd", "adam", "adamw"]
 AssignDecode = Literal["tasks", "actor"]
+Schedule = Literal["constant", "cosine", "step"]
+FeatureDtype = Literal["float32", "float16"]
 
 
 class ConfigError(ValueError):
@@ -106,6 +108,8 @@ class TrainConfig:
     momentum: float = 0.9  # sgd only
     weight_decay: float = 1e-5  # mild; the compactness term already regularises
     warmup_epochs: int = 1  # k-means only (frozen CNN) first, so pseudo-labels are sane
+    # Learning-rate schedule over epochs: constant; cosine to 0; step = x0.1 at 1/2 and 3/4.
+    lr_schedule: Schedule = "constant"
     seed: int = 0  # everything random derives from this
 
 
@@ -119,6 +123,21 @@ class OnlineConfig:
     entropy_weight: float = 1.0  # log k - H(mean soft assignment): guards against collapse
     balance: bool = True  # weight samples by inverse cluster size (collapse guard)
     augment: bool = True  # random crops/affine for the second view
+
+
+@dataclass
+class DeepClusterConfig:
+    """The ``deepcluster`` method (Caron et al. 2018, DESIGN §5.2)."""
+
+    pca_dim: int = 256  # PCA-whitening size (the paper's 256); capped at model.feature_dim
+    kmeans_iters: int = 20  # Lloyd iterations per epoch (faiss default 20; the paper's 20)
+    sobel: bool = False  # fixed greyscale + Sobel input filters (the paper uses them)
+    # k-means runs with faiss on the driver up to this many images; above it, Lloyd's
+    # partial sums are reduced across kmeans_shards Ray actors holding the features.
+    local_max_points: int = 2_000_000
+    kmeans_shards: int = 4  # feature-holding actors for the sharded k-means
+    feature_dtype: FeatureDtype = "float32"  # float16 halves the N x d feature memory
+    max_feature_memory_fraction: float = 0.5  # of the driver's available memory, else refuse
 
 
 @dataclass
@@ -171,6 +190,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
+    deepcluster: DeepClusterConfig = field(default_factory=DeepClusterConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     s3: S3Config = field(default_factory=S3Config)
     report: ReportConfig = field(default_factory=ReportConfig)
@@ -326,7 +346,8 @@ _POSITIVE_INT = [
     "report.sample_rows", "report.page_size", "report.max_montages", "report.thumb_px",
     "train.epochs", "train.batch_size", "scale.workers",
     "scale.assign_actors", "scale.checkpoint_every_steps", "scale.collective_timeout_s",
-    "rows_per_file", "row_group_size", "max_pixels",
+    "rows_per_file", "row_group_size", "max_pixels", "deepcluster.pca_dim",
+    "deepcluster.kmeans_iters", "deepcluster.local_max_points", "deepcluster.kmeans_shards",
 ]  # fmt: skip
 _NON_NEGATIVE = [
     "cluster.max_staleness", "train.weight_decay", "train.warmup_epochs", "scale.max_failures",
@@ -383,6 +404,9 @@ def _validate_run(cfg: Config) -> None:
             f"train.batch_size: must be divisible by scale.workers={cfg.scale.workers}; "
             f"got {cfg.train.batch_size}"
         )
+    if not 0.0 < cfg.deepcluster.max_feature_memory_fraction <= 1.0:
+        raise ConfigError("deepcluster.max_feature_memory_fraction: must be in (0, 1]; got "
+                          f"{cfg.deepcluster.max_feature_memory_fraction}")
     if cfg.train.warmup_epochs > cfg.train.epochs:
         raise ConfigError(
             f"train.warmup_epochs: must be <= train.epochs={cfg.train.epochs}; "

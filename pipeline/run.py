@@ -119,9 +119,14 @@ def _train_stage(cfg: Config, input_uri: str, paths: RunPaths) -> TrainedModel:
     if is_complete(paths.model):
         log.info("model already trained in %s; skipping training", paths.model.uri)
         return load_trained(paths)
-    from pipeline.distributed.job import train_online
+    if cfg.method == "deepcluster":
+        from pipeline.distributed.deepcluster import train_deepcluster
 
-    trained = train_online(cfg, input_uri, paths)
+        trained = train_deepcluster(cfg, input_uri, paths)
+    else:
+        from pipeline.distributed.job import train_online
+
+        trained = train_online(cfg, input_uri, paths)
     save_trained(cfg, trained, paths)
     return trained
 
@@ -132,7 +137,8 @@ def save_trained(cfg: Config, trained: TrainedModel, paths: RunPaths) -> None:
     fsx.write_bytes_atomic(paths.centroids, buf.getvalue())
     k, d = trained.centroids.shape
     meta = {"k": k, "d": d, "metric": "euclidean",
-            "feature_normalization": "l2" if cfg.model.normalize_features else "none",
+            "feature_normalization": ("l2" if cfg.model.normalize_features
+                                      or cfg.method == "deepcluster" else "none"),
             "method": cfg.method, "backbone": cfg.model.backbone}
     fsx.write_bytes_atomic(paths.centroids_json, json.dumps(meta, indent=2).encode())
     fsx.write_bytes_atomic(paths.history, json.dumps(trained.history, indent=2).encode())

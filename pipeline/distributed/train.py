@@ -187,9 +187,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batches = _batches(shard, local_batch, cfg.train.seed + epoch)
 
         def on_step(i: int, epoch: int = epoch) -> None:
-            if rank == 0 and worker.step == cfg.debug.kill_worker_at_step:
-                fault_once(fsx.locate(cfg.data.output, cfg.s3).join("checkpoints",
-                                                                    "_fault-worker"))
+            if rank == 0:
+                fault_point(cfg, worker.step)
             if worker.step % cfg.scale.checkpoint_every_steps == 0:
                 report({"epoch": epoch, "step": worker.step}, epoch, i + 1)
             progress.step(epoch, i + 1)
@@ -255,9 +254,10 @@ def _say(line: str) -> None:
 # Driver side.
 
 
-def fit(cfg: Config, train_ds: Any, server: tuple[str, str | None], storage: Any,
-        init_model: bytes | None) -> TrainOutcome:
-    """Run (or resume) Ray Train for ``cfg`` with checkpoints under ``storage`` (Location)."""
+def trainer_result(cfg: Config, loop: Any, config: dict[str, Any], train_ds: Any,
+                   storage: Any, name: str) -> Any:
+    """Run (or resume: same ``name`` under ``storage``) a TorchTrainer for ``cfg``: DDP
+    (gloo on CPU, nccl on GPU), FailureConfig restarts, quiet logs. -> its final Checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -265,12 +265,11 @@ def fit(cfg: Config, train_ds: Any, server: tuple[str, str | None], storage: Any
     if cfg.scale.gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "server": server, "init_model": init_model},
+        loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=cfg.scale.workers, use_gpu=cfg.scale.gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name="train", storage_path=storage.path, storage_filesystem=storage.fs,
+            name=name, storage_path=storage.path, storage_filesystem=storage.fs,
             failure_config=FailureConfig(max_failures=cfg.scale.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig("INFO" if verbose() else "WARNING")),  # type: ignore[call-arg]
@@ -280,8 +279,82 @@ def fit(cfg: Config, train_ds: Any, server: tuple[str, str | None], storage: Any
     )
     result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"training under {storage.uri} finished without a checkpoint")
-    with result.checkpoint.as_directory() as path:
+        raise RuntimeError(f"training under {storage.uri}/{name} finished without a checkpoint")
+    return result.checkpoint
+
+
+def fit(cfg: Config, train_ds: Any, server: tuple[str, str | None], storage: Any,
+        init_model: bytes | None) -> TrainOutcome:
+    """Run (or resume) Ray Train for ``cfg`` with checkpoints under ``storage`` (Location)."""
+    checkpoint = trainer_result(cfg, train_loop_per_worker,
+                                {"cfg": cfg, "server": server, "init_model": init_model},
+                                train_ds, storage, "train")
+    with checkpoint.as_directory() as path:
         model_bytes, _, store_state, meta = read_checkpoint(path)
     return TrainOutcome(model_bytes, np.asarray(store_state["centroids"], dtype=np.float32),
-                        meta["history"], result.checkpoint.path)
+                        meta["history"], checkpoint.path)
+
+
+# ------------------------------------------------------------------------------------------
+# Plain (model, optimisers, progress) checkpoints for methods without a centroid server.
+
+
+def fault_point(cfg: Config, step: int) -> None:
+    """``debug.kill_worker_at_step``: exit this worker once when ``step`` reaches it."""
+    if step == cfg.debug.kill_worker_at_step:
+        fault_once(fsx.locate(cfg.data.output, cfg.s3).join("checkpoints", "_fault-worker"))
+
+
+def save_state(rank: int, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
+               step: int, losses: list[float], metrics: dict[str, Any] | None = None) -> None:
+    """Report progress on every rank; rank 0 attaches a checkpoint of the model, optimisers
+    and ``step`` (batches done in this run; -1 = finished, with its ``metrics``)."""
+    import ray.train
+
+    report = {"step": step, **(metrics or {})}
+    if rank != 0:
+        ray.train.report(report, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "model.safetensors"), "wb") as fh:
+            fh.write(save_bytes(model))
+        torch.save([o.state_dict() for o in optimizers], os.path.join(tmp, "optimizers.pt"))
+        with open(os.path.join(tmp, "meta.json"), "w") as fh:
+            json.dump({"step": step, "losses": losses, "metrics": metrics}, fh)
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def restore_state(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]
+                  ) -> tuple[int, list[float], dict[str, Any] | None]:
+    """Load the latest :func:`save_state` checkpoint, if any.
+    -> (batches to skip, losses so far, final metrics if the run had finished)."""
+    import ray.train
+    from safetensors.torch import load as st_load
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, [], None
+    model_bytes, optims, meta = read_state(checkpoint)
+    model.load_state_dict(st_load(model_bytes))
+    for optimizer, state in zip(optimizers, optims, strict=True):
+        optimizer.load_state_dict(state)
+    log.info("resumed after %d batches", meta["step"])
+    done = meta["metrics"] if meta["step"] < 0 else None
+    return max(0, meta["step"]), meta["losses"], done
+
+
+def read_state(checkpoint: Any) -> tuple[bytes, list[dict[str, Any]], dict[str, Any]]:
+    """-> (model safetensors bytes, optimiser states, meta) of a :func:`save_state` checkpoint."""
+    with checkpoint.as_directory() as path:
+        with open(os.path.join(path, "model.safetensors"), "rb") as fh:
+            model_bytes = fh.read()
+        optims = torch.load(os.path.join(path, "optimizers.pt"), weights_only=True)
+        with open(os.path.join(path, "meta.json")) as fh:
+            meta = json.load(fh)
+    return model_bytes, optims, meta
+
+
+def run_trainer(cfg: Config, loop: Any, config: dict[str, Any], train_ds: Any, storage: Any,
+                name: str) -> tuple[bytes, list[dict[str, Any]], dict[str, Any]]:
+    """:func:`trainer_result` for a :func:`save_state` loop -> its final :func:`read_state`."""
+    return read_state(trainer_result(cfg, loop, config, train_ds, storage, name))

@@ -138,18 +138,20 @@ class Reservoir:
         self.rng.bit_generator.state = state["rng"]
 
 
-def sq_dist_to_nearest(x: np.ndarray, centroids: np.ndarray, chunk: int = 1024) -> np.ndarray:
+def sq_dist_to_nearest(x: np.ndarray, centroids: np.ndarray, chunk: int = 1024,
+                       dtype: Any = np.float64) -> np.ndarray:
     """float64 (n,) squared distance of each row of x (n, d) to its nearest centroid (k, d).
 
     Chunked over rows so memory stays O(chunk · k); +inf for every row when k == 0.
+    ``dtype`` is the arithmetic (float32 is about twice as fast, for sampling weights).
     """
     out = np.full(len(x), np.inf)
     if len(centroids) == 0:
         return out
-    c = centroids.astype(np.float64)
+    c: np.ndarray = centroids.astype(dtype)
     c2 = (c**2).sum(1)
     for start in range(0, len(x), chunk):
-        xb = x[start:start + chunk].astype(np.float64)
+        xb: np.ndarray = x[start:start + chunk].astype(dtype)
         d = (xb**2).sum(1)[:, None] - 2.0 * xb @ c.T + c2[None]
         out[start:start + chunk] = np.maximum(d.min(1), 0.0)
     return out
@@ -170,7 +172,8 @@ def starved_clusters(recent_counts: np.ndarray, ratio: float) -> np.ndarray:
 
 
 def reseed_starved(centroids: np.ndarray, weights: np.ndarray, recent_counts: np.ndarray,
-                   reservoir: Reservoir, ratio: float, rng: np.random.Generator) -> list[int]:
+                   reservoir: Reservoir, ratio: float, rng: np.random.Generator,
+                   limit: int | None = None, candidates: int = 1024) -> list[int]:
     """Move starved clusters to reservoir rows in under-served regions; returns their ids.
 
     Starved: recent count < ``ratio`` · max or 0 (:func:`starved_clusters`; never more than
@@ -186,14 +189,22 @@ def reseed_starved(centroids: np.ndarray, weights: np.ndarray, recent_counts: np
         reservoir: recent feature rows; nothing happens while it is empty.
         ratio: the reassignment ratio; 0 reseeds only clusters with no recent member.
         rng: the random stream for the draws.
+        limit: reseed at most this many, the neediest (lowest recent count) first.
+        candidates: reservoir rows drawn (uniformly) as the k-means++ candidates.
     """
     ids = starved_clusters(recent_counts, ratio)
+    if limit is not None and ids.size > limit:
+        ids = np.sort(ids[np.argsort(np.asarray(recent_counts)[ids], kind="stable")][:limit])
     if ids.size == 0 or len(reservoir) == 0:
         return []
     pool = reservoir.filled()
+    if len(pool) > candidates:  # bound the O(pool · k · d) distance pass
+        pool = pool[np.sort(rng.choice(len(pool), size=candidates, replace=False))]
     kept = np.ones(len(centroids), dtype=bool)
     kept[ids] = False
-    d2 = sq_dist_to_nearest(pool, centroids[kept])
+    d2 = sq_dist_to_nearest(pool, centroids[kept], dtype=np.float32)
+    pool64 = pool.astype(np.float64)
+    norms = (pool64**2).sum(1)
     moved: list[int] = []
     for j in ids:
         total = d2.sum()
@@ -201,7 +212,8 @@ def reseed_starved(centroids: np.ndarray, weights: np.ndarray, recent_counts: np
             break
         pick = int(rng.choice(len(pool), p=d2 / total))
         centroids[j] = pool[pick]
-        d2 = np.minimum(d2, ((pool.astype(np.float64) - pool[pick]) ** 2).sum(1))
+        to_pick = np.maximum(norms - 2.0 * pool64 @ pool64[pick] + norms[pick], 0.0)
+        d2 = np.minimum(d2, to_pick)
         moved.append(int(j))
     if moved:
         rest = np.ones(len(centroids), dtype=bool)

@@ -45,25 +45,36 @@ class CentroidStore:
         reseed_ratio: starved = recent count < ratio · the largest recent count (or 0).
         reservoir_size: recent feature rows kept (Algorithm R) as reseeding candidates.
         seed: seeds the reservoir and the reseeding draws.
-        recent_decay: per-round decay of the exponential moving count of assignments.
+        recent_decay: per-round decay of the exponential moving count of assignments; None
+            (the default) decays by points instead, exp(−n / (recent_window · k)) for a
+            round of n points, so the count spans about ``recent_window`` points per
+            cluster whatever the ratio of batch size to k (a fixed per-round decay with
+            k ≫ batch left most clusters at a recent count near 0: starved, and reseeded).
+        recent_window: points per cluster the moving count spans when recent_decay is None.
+        reseed_max: clusters reseeded per check at most, neediest first (scikit-learn caps
+            a step's reassignments at half its batch); bounds the server's time per round.
         max_pending: open rounds kept before the oldest is applied without its stragglers.
     """
 
     def __init__(self, centroids: np.ndarray, *, num_workers: int = 1,
                  drift_smoothing: float = 1.0, reseed_every: int = 50,
                  reseed_ratio: float = 0.01, reservoir_size: int = 4096, seed: int = 0,
-                 recent_decay: float = 0.9, max_pending: int = 64):
+                 recent_decay: float | None = None, recent_window: float = 20.0,
+                 max_pending: int = 64, reseed_max: int = 64):
         self.centroids = np.array(centroids, dtype=np.float32, copy=True)
         if self.centroids.ndim != 2 or self.centroids.shape[0] < 1:
             raise ValueError(f"centroids: expected (k, d) with k >= 1, got {self.centroids.shape}")
         if num_workers < 1 or reseed_every < 1 or max_pending < 1:
             raise ValueError("num_workers, reseed_every and max_pending must be >= 1")
-        if not 0.0 <= recent_decay < 1.0:
+        if recent_decay is not None and not 0.0 <= recent_decay < 1.0:
             raise ValueError(f"recent_decay: must be in [0, 1), got {recent_decay}")
+        if recent_window <= 0:
+            raise ValueError(f"recent_window: must be > 0, got {recent_window}")
         k, d = self.centroids.shape
         self.num_workers, self.drift_smoothing = int(num_workers), float(drift_smoothing)
         self.reseed_every, self.reseed_ratio = int(reseed_every), float(reseed_ratio)
-        self.recent_decay, self.max_pending = float(recent_decay), int(max_pending)
+        self.recent_decay, self.max_pending = recent_decay, int(max_pending)
+        self.recent_window, self.reseed_max = float(recent_window), int(reseed_max)
         self.weights = np.zeros(k, dtype=np.float64)
         self.recent = np.zeros(k, dtype=np.float64)  # exponential moving count per round
         self.reservoir = Reservoir(reservoir_size, d, seed)
@@ -222,8 +233,11 @@ class CentroidStore:
         if entry["drift"] is not None and self.drift_smoothing:
             apply_drift(c, entry["drift"], entry["drift_counts"][rows], self.drift_smoothing)
         self.centroids[rows], self.weights[rows] = c, w
-        self.recent *= self.recent_decay
-        self.recent += (1.0 - self.recent_decay) * entry["counts"]
+        decay = self.recent_decay
+        if decay is None:
+            decay = float(np.exp(-entry["counts"].sum() / (self.recent_window * self.k)))
+        self.recent *= decay
+        self.recent += (1.0 - decay) * entry["counts"]
         self._version += 1
         self._row_version[rows] = self._version
         if self._version % self.reseed_every == 0:
@@ -231,7 +245,7 @@ class CentroidStore:
 
     def _reseed(self) -> None:
         moved = reseed_starved(self.centroids, self.weights, self.recent, self.reservoir,
-                               self.reseed_ratio, self.rng)
+                               self.reseed_ratio, self.rng, limit=self.reseed_max)
         if moved:
             rest = np.ones(self.k, dtype=bool)
             rest[moved] = False

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import logging
 
+from torch import nn
+
 from pipeline.config import S3Config
 from pipeline.data import fs as fsx
-from pipeline.models.backbones import Embedder
 from pipeline.models.weights import WeightsError, load_into, parse_state_dict
 
 log = logging.getLogger(__name__)
 
 
-def load_pretrained(model: Embedder, uri: str, s3: S3Config | None = None) -> str:
+def load_pretrained(model: nn.Module, uri: str, s3: S3Config | None = None) -> str:
     """Load safetensors / weights-only state dict at ``uri`` into ``model`` (or its trunk)."""
     try:
         data = fsx.read_bytes(fsx.locate(uri, s3))
     except fsx.StorageError as exc:
         raise WeightsError(f"model.weights: {exc}") from exc
-    part = load_into(model, model.trunk, parse_state_dict(data, uri), uri)
+    trunk = getattr(model, "trunk", model)
+    assert isinstance(trunk, nn.Module)
+    part = load_into(model, trunk, parse_state_dict(data, uri), uri)
     log.info("loaded %s weights from %s", part, uri)
     return part

@@ -1,0 +1,449 @@
+"""Ray wiring of the ``deepcluster`` method (:mod:`pipeline.methods.deepcluster`).
+
+The driver alternates, per epoch ``e``, with everything under ``--output/deepcluster/``:
+
+==============================  ============================================================
+``epoch-EEE/clustering.npz``    whitening, centroids and pseudo-labels by image id; written
+                                once, so a resumed run never recomputes a finished clustering
+``checkpoints/epoch-EEE/``      that epoch's Ray Train run (checkpoints every
+                                ``scale.checkpoint_every_steps``): a killed worker group
+                                (``FailureConfig``) or a re-run resumes inside the epoch
+``epoch-EEE/model.safetensors`` the CNN after the epoch (its optimiser state beside it)
+==============================  ============================================================
+
+1. **Feature pass:** the decoded images (materialised once: every epoch reads them twice)
+   stream through a Ray Data actor pool (:class:`~pipeline.distributed.assign.EmbedActor`,
+   GPU when present); the driver gathers the N x d features, refusing up front when they
+   would not fit (:func:`check_feature_memory`).
+2. **Clustering:** PCA-whitening from summed moments, then k-means: ``faiss.Kmeans`` on the
+   driver, or above ``deepcluster.local_max_points`` Lloyd's partial sums reduced across
+   ``deepcluster.kmeans_shards`` Ray actors (:class:`RemoteShards`, the same
+   :func:`~pipeline.methods.deepcluster.lloyd` as the single-process reference).
+3. **Training:** a Ray Train run on (pixels, pseudo-label) with a fresh linear head and
+   inverse-cluster-size weights.
+
+After the last epoch one more feature pass clusters the final features, and the whitening
+is folded into the saved model, so the centroids, ``jobs/assign.py`` and the report all live
+in the same space.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from pipeline.config import Config
+from pipeline.data import fs as fsx
+from pipeline.data.fs import Location
+from pipeline.data.reader import InputError, decode_spec, find_shards, read_images
+from pipeline.methods.deepcluster import (
+    LocalShard,
+    MomentStats,
+    Whitening,
+    class_weights,
+    cluster,
+    new_head,
+    pseudo_label_loss,
+)
+from pipeline.models.arch import build_model, model_arch
+from pipeline.models.weights import save_bytes
+
+if TYPE_CHECKING:
+    from pipeline.run import RunPaths, TrainedModel
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------
+# Features and their memory.
+
+
+@dataclass
+class Features:
+    """One feature pass: ids (n,) str, features (n, d), ground-truth labels (n,) or None."""
+
+    ids: np.ndarray
+    x: np.ndarray
+    truth: np.ndarray | None
+
+
+def check_feature_memory(n: int, d: int, cfg: Config, available: int | None = None) -> int:
+    """Bytes the driver needs for n x d features; refuses with the numbers when more than
+    ``deepcluster.max_feature_memory_fraction`` of its available memory."""
+    import psutil
+
+    itemsize = 2 if cfg.deepcluster.feature_dtype == "float16" else 4
+    need = n * d * itemsize * 2  # the raw features and their whitened copy
+    have = psutil.virtual_memory().available if available is None else available
+    limit = int(have * cfg.deepcluster.max_feature_memory_fraction)
+    if need > limit:
+        raise InputError(
+            f"deepcluster: {n:,} images x {d} features x {itemsize} B (x2 for the whitened "
+            f"copy) = {need / 2**30:.1f} GiB, over deepcluster.max_feature_memory_fraction="
+            f"{cfg.deepcluster.max_feature_memory_fraction} of the driver's available "
+            f"{have / 2**30:.1f} GiB; lower model.feature_dim, set "
+            "deepcluster.feature_dtype=float16, or run the driver on a larger node")
+    return need
+
+
+def feature_pass(images: Any, model_bytes: bytes, cfg: Config, n: int) -> Features:
+    """Every image through the model in a Ray Data actor pool: :class:`Features`."""
+    import ray
+    import ray.data
+
+    from pipeline.distributed.assign import EmbedActor
+
+    arch = model_arch(cfg)
+    check_feature_memory(n, arch["feature_dim"], cfg)
+    dtype = np.float16 if cfg.deepcluster.feature_dtype == "float16" else np.float32
+    ds = images.map_batches(
+        EmbedActor, fn_constructor_kwargs={"model_bytes": ray.put(model_bytes), "arch": arch,
+                                           "threads": cfg.scale.assign_cpus_per_actor},
+        batch_size=cfg.cluster.assign_batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.scale.assign_actors),
+        num_cpus=cfg.scale.assign_cpus_per_actor, num_gpus=1 if cfg.scale.gpu else 0)
+    ids, feats, truth = [], [], []
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        ids.append(np.asarray(batch["id"]).astype(str))
+        feats.append(np.asarray(batch["feature"], dtype=dtype))
+        if "label" in batch:
+            truth.append(np.asarray(batch["label"]).astype(str))
+    return Features(np.concatenate(ids), np.concatenate(feats),
+                    np.concatenate(truth) if truth else None)
+
+
+# ------------------------------------------------------------------------------------------
+# k-means shards on Ray actors.
+
+
+class _ShardProxy:
+    """One remote :class:`LocalShard`, called synchronously (the FeatureShard protocol)."""
+
+    def __init__(self, actor: Any):
+        self.actor = actor
+
+    def __getattr__(self, method: str) -> Any:
+        import ray
+
+        remote = getattr(self.actor, method)
+        return lambda *args: ray.get(remote.remote(*args))
+
+
+class RemoteShards(Sequence[Any]):
+    """Features split over Ray actors (faiss ``contrib/clustering.py``'s pattern): a sequence
+    of :class:`LocalShard` proxies whose ``call_all`` runs a method on all in parallel."""
+
+    def __init__(self, x: np.ndarray, shards: int):
+        import ray
+
+        actor = ray.remote(num_cpus=0)(LocalShard)
+        self.actors: list[Any] = [actor.remote(ray.put(np.ascontiguousarray(part)))
+                       for part in np.array_split(x, shards)]
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def __getitem__(self, i: Any) -> Any:
+        return _ShardProxy(self.actors[i])
+
+    def call_all(self, method: str, *args: Any) -> list[Any]:
+        import ray
+
+        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+
+
+def cluster_features(features: Features, cfg: Config, seed: int) -> dict[str, np.ndarray]:
+    """PCA-whitening, then k-means with no empty cluster: the epoch's clustering arrays."""
+    x = features.x.astype(np.float32)
+    dim = min(cfg.deepcluster.pca_dim, x.shape[1])
+    whitening = Whitening.fit(MomentStats.of(x), dim)
+    z = whitening(x)
+    k = cfg.cluster.k
+    if len(z) <= cfg.deepcluster.local_max_points:
+        centroids, labels = cluster([LocalShard(z)], k, cfg.deepcluster.kmeans_iters, seed,
+                                    gpu=cfg.scale.gpu and _faiss_gpu())
+    else:
+        shards = RemoteShards(z, cfg.deepcluster.kmeans_shards)
+        try:
+            centroids, labels = cluster(shards, k, cfg.deepcluster.kmeans_iters, seed,
+                                        faiss_local=False)
+        finally:
+            shards.close()
+    order = np.argsort(features.ids)
+    return {"mean": whitening.mean, "proj": whitening.proj, "centroids": centroids,
+            "ids": features.ids[order], "labels": labels[order].astype(np.int64)}
+
+
+def _faiss_gpu() -> bool:
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+# ------------------------------------------------------------------------------------------
+# Training on pseudo-labels (Ray Train worker side).
+
+
+class AttachLabels:
+    """Ray Data UDF: adds ``pseudo`` (the epoch's cluster of each row's id) and drops ids."""
+
+    def __init__(self, ids: Any, labels: Any):
+        import ray
+
+        self.ids = ray.get(ids) if not isinstance(ids, np.ndarray) else ids
+        self.labels = ray.get(labels) if not isinstance(labels, np.ndarray) else labels
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        pos = np.searchsorted(self.ids, np.asarray(batch["id"]).astype(str))
+        out = {k: v for k, v in batch.items() if k != "id"}
+        out["pseudo"] = self.labels[pos]
+        return out
+
+
+def lr_at(cfg: Config, epoch: int) -> float:
+    """``train.lr`` under ``train.lr_schedule`` at ``epoch`` (0-based)."""
+    t, lr = epoch / max(1, cfg.train.epochs), cfg.train.lr
+    if cfg.train.lr_schedule == "cosine":
+        return lr * 0.5 * (1 + np.cos(np.pi * t))
+    if cfg.train.lr_schedule == "step":
+        return lr * (0.1 ** ((t >= 0.5) + (t >= 0.75)))
+    return lr
+
+
+def _net(cfg: Config, model_bytes: bytes, k: int, seed: int) -> torch.nn.Sequential:
+    from safetensors.torch import load as st_load
+
+    model = build_model(cfg)
+    model.load_state_dict(st_load(model_bytes))
+    return torch.nn.Sequential(model, new_head(cfg.model.feature_dim, k, seed))
+
+
+def train_epoch_loop(config: dict[str, Any]) -> None:
+    """Ray Train entry point for one epoch: CNN + fresh head on pseudo-labels."""
+    import ray.train
+    import ray.train.torch
+
+    from pipeline.distributed.runtime import pin_threads
+    from pipeline.distributed.train import fault_point, restore_state, save_state
+    from pipeline.methods.online import make_optimizer
+
+    cfg: Config = config["cfg"]
+    epoch, rank = config["epoch"], ray.train.get_context().get_world_rank()
+    pin_threads(cfg.scale.threads_per_worker or cfg.scale.cpus_per_worker)
+    torch.manual_seed(cfg.train.seed + epoch)
+    net = ray.train.torch.prepare_model(_net(cfg, config["model_bytes"], cfg.cluster.k,
+                                             cfg.train.seed + epoch))
+    inner: Any = getattr(net, "module", net)
+    t = cfg.train
+    trunk_opt = make_optimizer(inner[0], t.optimizer, lr_at(cfg, epoch), t.momentum,
+                               t.weight_decay)
+    if config["optimizer"] is not None:
+        trunk_opt.load_state_dict(config["optimizer"])
+        for group in trunk_opt.param_groups:
+            group["lr"] = lr_at(cfg, epoch)
+    head_opt = make_optimizer(inner[1], t.optimizer, lr_at(cfg, epoch), t.momentum, 0.0)
+    skip, losses, done = restore_state(inner, [trunk_opt, head_opt])
+    if done is not None:  # the epoch finished before the driver could record it
+        save_state(rank, inner, [trunk_opt, head_opt], -1, losses, done)
+        return
+    weights = torch.from_numpy(config["weights"]).to(ray.train.torch.get_device())
+    shard = ray.train.get_dataset_shard("train")
+    start, seen, step = time.perf_counter(), 0, skip
+    batches = shard.iter_batches(batch_size=t.batch_size // ray.train.get_context()
+                                 .get_world_size(), batch_format="numpy", drop_last=True,
+                                 local_shuffle_buffer_size=4 * t.batch_size,
+                                 local_shuffle_seed=t.seed + epoch)
+    device = ray.train.torch.get_device()
+    for i, b in enumerate(batches):
+        if i < skip:
+            continue
+        net.train()
+        x = torch.from_numpy(np.asarray(b["pixels"], np.float32)).to(device)
+        y = torch.from_numpy(np.asarray(b["pseudo"], np.int64)).to(device)
+        loss = pseudo_label_loss(net(x), y, weights)
+        trunk_opt.zero_grad(set_to_none=True)
+        head_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        trunk_opt.step()
+        head_opt.step()
+        losses.append(float(loss))
+        seen, step = seen + len(x), i + 1
+        if rank == 0:
+            fault_point(cfg, step)
+        if step % cfg.scale.checkpoint_every_steps == 0:
+            save_state(rank, inner, [trunk_opt, head_opt], step, losses)
+    metrics = {"loss": float(np.mean(losses)) if losses else float("nan"),
+               "images_per_s": seen / max(1e-9, time.perf_counter() - start),
+               "resumed_at_batch": skip}
+    save_state(rank, inner, [trunk_opt, head_opt], -1, losses, metrics)
+
+
+# ------------------------------------------------------------------------------------------
+# Driver side.
+
+
+class EpochFiles:
+    """Where epoch ``e``'s clustering and model live (see the module docstring)."""
+
+    def __init__(self, paths: RunPaths, epoch: int):
+        self.dir = paths.root.join("deepcluster", f"epoch-{epoch:03d}")
+        self.clustering = self.dir.join("clustering.npz")
+        self.model = self.dir.join("model.safetensors")
+        self.optimizer = self.dir.join("optimizer.pt")
+        self.history = self.dir.join("history.json")
+        self.checkpoints = paths.checkpoints.join(f"epoch-{epoch:03d}")
+
+
+def save_npz(loc: Location, arrays: dict[str, np.ndarray]) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    fsx.write_bytes_atomic(loc, buf.getvalue())
+
+
+def load_npz(loc: Location) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(fsx.read_bytes(loc)), allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def epoch_clustering(files: EpochFiles, images: Any, model_bytes: bytes, cfg: Config,
+                     n: int, epoch: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The epoch's clustering: loaded when a previous attempt finished it, else computed."""
+    from pipeline.metrics import acc, nmi
+
+    if fsx.exists(files.clustering):
+        log.info("deepcluster epoch %d: clustering found in %s; not recomputed", epoch,
+                 files.clustering.uri)
+        return load_npz(files.clustering), {}
+    t0 = time.perf_counter()
+    features = feature_pass(images, model_bytes, cfg, n)
+    t1 = time.perf_counter()
+    arrays = cluster_features(features, cfg, cfg.train.seed + epoch)
+    facts = {"features_s": t1 - t0, "kmeans_s": time.perf_counter() - t1}
+    if features.truth is not None:
+        pred = arrays["labels"][np.searchsorted(arrays["ids"], features.ids)]
+        facts.update(nmi=nmi(features.truth, pred), acc=acc(features.truth, pred))
+    save_npz(files.clustering, arrays)
+    return arrays, facts
+
+
+def train_one_epoch(cfg: Config, images: Any, arrays: dict[str, np.ndarray],
+                    model_bytes: bytes, optimizer: dict[str, Any] | None, epoch: int,
+                    files: EpochFiles) -> tuple[bytes, dict[str, Any], dict[str, float]]:
+    """One Ray Train run over (pixels, pseudo) -> (model bytes, trunk optimiser, metrics)."""
+    import ray
+
+    from pipeline.distributed.train import run_trainer
+
+    attach = AttachLabels(ray.put(arrays["ids"]), ray.put(arrays["labels"]))
+    data = images.map_batches(attach, batch_format="numpy")
+    config = {"cfg": cfg, "epoch": epoch, "model_bytes": model_bytes, "optimizer": optimizer,
+              "weights": class_weights(arrays["labels"], cfg.cluster.k)}
+    state = run_trainer(cfg, train_epoch_loop, config, data, files.checkpoints,
+                        f"epoch-{epoch:03d}")
+    net_bytes, optims, meta = state
+    return _trunk_bytes(cfg, net_bytes), optims[0], meta["metrics"]
+
+
+def _trunk_bytes(cfg: Config, net_bytes: bytes) -> bytes:
+    """The CNN's weights out of the (CNN, head) pair's state dict."""
+    from safetensors.torch import load as st_load
+
+    state = st_load(net_bytes)
+    model = build_model(cfg)
+    model.load_state_dict({k[2:]: v for k, v in state.items() if k.startswith("0.")})
+    return save_bytes(model)
+
+
+def train_deepcluster(cfg: Config, input_uri: str, paths: RunPaths) -> TrainedModel:
+    """All epochs (resuming finished ones), then the final clustering and whitened model."""
+    from pipeline.distributed.job import initial_model
+    from pipeline.run import TrainedModel
+
+    has_label = find_shards(input_uri, cfg.s3).has_label
+    images = read_images(input_uri, decode_spec(cfg), s3=cfg.s3,
+                         batch_size=cfg.data.decode_batch_size)
+    images = images.select_columns(["id", "pixels"] + (["label"] if has_label else []))
+    images = images.materialize()
+    n = images.count()
+    model_bytes, optimizer = save_bytes(initial_model(cfg)), None
+    history: list[dict[str, Any]] = []
+    for epoch in range(cfg.train.epochs):
+        files = EpochFiles(paths, epoch)
+        if fsx.exists(files.model):
+            model_bytes = fsx.read_bytes(files.model)
+            optimizer = _load_optimizer(files)
+            history.append(json.loads(fsx.read_bytes(files.history)))
+            continue
+        t0 = time.perf_counter()
+        arrays, facts = epoch_clustering(files, images, model_bytes, cfg, n, epoch)
+        model_bytes, optimizer, metrics = train_one_epoch(cfg, images, arrays, model_bytes,
+                                                          optimizer, epoch, files)
+        row = {"epoch": epoch, **facts, **metrics, "seconds": time.perf_counter() - t0,
+               "empty_clusters": int((np.bincount(arrays["labels"], minlength=cfg.cluster.k)
+                                      == 0).sum())}
+        _save_epoch(files, model_bytes, optimizer, row)
+        history.append(row)
+        _say_epoch(cfg, row)
+    return final_model(cfg, images, model_bytes, n, history, TrainedModel)
+
+
+def final_model(cfg: Config, images: Any, model_bytes: bytes, n: int,
+                history: list[dict[str, Any]], trained_cls: Any) -> TrainedModel:
+    """Cluster the final features; fold the whitening into the model that is saved."""
+    from safetensors.torch import load as st_load
+
+    from pipeline.methods.deepcluster import WhitenedEmbedder
+
+    arrays = cluster_features(feature_pass(images, model_bytes, cfg, n), cfg,
+                              cfg.train.seed + cfg.train.epochs)
+    whitening = Whitening(arrays["mean"], arrays["proj"])
+    embedder = build_model(cfg)
+    embedder.load_state_dict(st_load(model_bytes))
+    model = WhitenedEmbedder(embedder, cfg.model.feature_dim, whitening.dim)
+    whitening.load_into(model.whiten)
+    arch = {**model_arch(cfg), "whiten_from": cfg.model.feature_dim,
+            "feature_dim": whitening.dim}
+    return trained_cls(save_bytes(model), arch, arrays["centroids"], history)
+
+
+def _save_epoch(files: EpochFiles, model_bytes: bytes, optimizer: dict[str, Any],
+                row: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(optimizer, buf)
+    fsx.write_bytes_atomic(files.optimizer, buf.getvalue())
+    fsx.write_bytes_atomic(files.history, json.dumps(row).encode())
+    fsx.write_bytes_atomic(files.model, model_bytes)  # last: marks the epoch done
+
+
+def _load_optimizer(files: EpochFiles) -> dict[str, Any] | None:
+    if not fsx.exists(files.optimizer):
+        return None
+    state = torch.load(io.BytesIO(fsx.read_bytes(files.optimizer)), weights_only=True)
+    assert isinstance(state, dict)
+    return state
+
+
+def _say_epoch(cfg: Config, row: dict[str, Any]) -> None:
+    from pipeline.distributed.train import _say
+
+    line = f"deepcluster epoch {row['epoch'] + 1}/{cfg.train.epochs}"
+    for key, fmt in (("loss", "loss {:.4f}"), ("nmi", "NMI {:.3f}"), ("acc", "ACC {:.3f}"),
+                     ("images_per_s", "{:,.0f} images/s"), ("seconds", "({:.1f} s)")):
+        if key in row:
+            line += "  " + fmt.format(row[key])
+    _say(line)
+
