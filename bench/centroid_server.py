@@ -176,13 +176,50 @@ def server_capacity(k: int, d: int, batch: int, calls: int) -> dict[str, Any]:
         "worker_steps_per_s_capacity": round(1.0 / (push_s + pull_s), 1)}
 
 
+def sharded_push_capacity(k: int, d: int, batch: int, calls: int, shards: int) -> dict[str, Any]:
+    """Pushes/s that ``shards`` server actors (``scale.centroid_shards``) absorb when one
+    client floods them through :class:`ShardedStore` (asynchronous pushes, drained)."""
+    import ray
+
+    from pipeline.distributed.centroid_server import RemoteStore, create_server
+    from pipeline.kmeans.sharded import ShardedStore, shard_bounds
+
+    rng = np.random.default_rng(0)
+    init, bounds = unit_rows(k, d), shard_bounds(k, shards)
+    handles = [create_server(f"bench-shard-{s}-{time.monotonic_ns()}", None, init[lo:hi],
+                             {"num_workers": 1, "reseed_every": 20}, None, None)
+               for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
+    ray.get([h.info.remote() for h in handles])
+    store = ShardedStore([RemoteStore(h) for h in handles], bounds)
+    payloads = []
+    for _ in range(8):
+        counts = np.bincount(rng.integers(0, k, batch), minlength=k)
+        sums = np.zeros((k, d), np.float32)
+        sums[counts > 0] = rng.normal(size=(int((counts > 0).sum()), d))
+        payloads.append((sums, counts, rng.normal(size=(32, d)).astype(np.float32)))
+    start = time.perf_counter()
+    for i in range(calls):
+        sums, counts, samples = payloads[i % len(payloads)]
+        store.push(sums, counts, None, None, 0, i, samples)
+    store.drain()
+    per_push = (time.perf_counter() - start) / calls
+    for h in handles:
+        ray.kill(h)
+    return {"k": k, "d": d, "batch": batch, "shards": shards,
+            "push_ms": round(per_push * 1e3, 3), "pushes_per_s": round(1.0 / per_push, 1)}
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m bench centroid_server")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--sharding", action="store_true",
+                   help="only the sharded-server capacity (centroid_server-sharding.json)")
     args = p.parse_args(argv)
     from pipeline.distributed.runtime import init_ray
 
     init_ray(num_cpus=2)
+    if args.sharding:
+        return sharding_main(args.quick)
     ks, ds = ([100, 1000], [128, 512]) if args.quick else ([100, 1000, 10000], [128, 512, 2048])
     steps, repeats = (STEPS // 2, 2) if args.quick else (STEPS, REPEATS)
     rows = []
@@ -219,4 +256,20 @@ def main(argv: list[str]) -> int:
                          "model": "small_cnn width 16, 32 px, 1 thread per worker",
                          "quick": args.quick})
     print(f"centroid_server: overhead at k=1000, d=512 = {value:+.1%} (target <= 10%) -> {path}")
+    return 0
+
+
+def sharding_main(quick: bool) -> int:
+    """Push capacity of 1, 2 and 4 shards at the largest k·d, one run, side by side."""
+    k, d = (1000, 512) if quick else (10000, 2048)
+    rows = [sharded_push_capacity(k, d, 256, 60 if quick else 200, s) for s in (1, 2, 4)]
+    for r in rows:
+        print(f"  k={k} d={d} shards={r['shards']}: {r['push_ms']:.2f} ms per push -> "
+              f"{r['pushes_per_s']:,.0f} pushes/s", flush=True)
+    gain = rows[-1]["pushes_per_s"] / rows[0]["pushes_per_s"]
+    headline = {"name": f"push_capacity_4_shards_over_1_k{k}_d{d}", "value": round(gain, 3),
+                "target": None, "meets": gain > 1.0}
+    path = write_result("centroid_server-sharding" + ("-quick" if quick else ""), headline,
+                        {"rows": rows, "quick": quick})
+    print(f"centroid_server --sharding: 4 shards absorb {gain:.2f}x the pushes of 1 -> {path}")
     return 0

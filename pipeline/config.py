@@ -110,6 +110,9 @@ class TrainConfig:
     warmup_epochs: int = 1  # k-means only (frozen CNN) first, so pseudo-labels are sane
     # Learning-rate schedule over epochs: constant; cosine to 0; step = x0.1 at 1/2 and 3/4.
     lr_schedule: Schedule = "constant"
+    # Stop after the epoch during which this many seconds of training passed (0 = no limit);
+    # for equal-budget comparisons and for jobs that must end by a deadline. Per attempt.
+    time_budget_s: float = 0.0
     seed: int = 0  # everything random derives from this
 
 
@@ -122,7 +125,10 @@ class OnlineConfig:
     consistency_weight: float = 1.0  # two augmented views must agree (0 = off)
     entropy_weight: float = 1.0  # log k - H(mean soft assignment): guards against collapse
     balance: bool = True  # weight samples by inverse cluster size (collapse guard)
-    augment: bool = True  # random crops/affine for the second view
+    augment: bool = True
+    # Passes over the data on each clustering's pseudo-labels before re-clustering. The
+    # paper's 1 suits ImageNet (5,000 steps a pass); small sets need several to learn.
+    passes: int = 1  # random crops/affine for the second view
 
 
 @dataclass
@@ -132,6 +138,12 @@ class DeepClusterConfig:
     pca_dim: int = 256  # PCA-whitening size (the paper's 256); capped at model.feature_dim
     kmeans_iters: int = 20  # Lloyd iterations per epoch (faiss default 20; the paper's 20)
     sobel: bool = False  # fixed greyscale + Sobel input filters (the paper uses them)
+    # Random affine + jitter views when training on pseudo-labels (the paper trains on
+    # random crops and flips); without them the CNN just memorises the current partition.
+    augment: bool = True
+    # Passes over the data on each clustering's pseudo-labels before re-clustering. The
+    # paper's 1 suits ImageNet (5,000 steps a pass); small sets need several to learn.
+    passes: int = 1
     # k-means runs with faiss on the driver up to this many images; above it, Lloyd's
     # partial sums are reduced across kmeans_shards Ray actors holding the features.
     local_max_points: int = 2_000_000
@@ -154,6 +166,9 @@ class ScaleConfig:
     # "actor": decode inside the assignment actor (no pixel arrays through the object store).
     assign_decode: AssignDecode = "tasks"
     read_cpus: float = 1.0  # CPUs per Parquet read task; lower it when actors fill the node
+    # Centroid-server actors, each owning a range of cluster ids: raise it when one server
+    # saturates (large k·d, many workers; bench/README.md). 1 = a single server.
+    centroid_shards: int = 1
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     checkpoint_every_steps: int = 200  # also at every epoch end
     collective_timeout_s: int = 600  # gloo/nccl timeout; the 1800 s default hides hangs
@@ -345,12 +360,13 @@ _POSITIVE_INT = [
     "cluster.assign_batch_size", "cluster.persist_every", "cluster.outlier_min_members",
     "report.sample_rows", "report.page_size", "report.max_montages", "report.thumb_px",
     "train.epochs", "train.batch_size", "scale.workers",
-    "scale.assign_actors", "scale.checkpoint_every_steps", "scale.collective_timeout_s",
+    "scale.assign_actors", "scale.checkpoint_every_steps", "scale.centroid_shards", "scale.collective_timeout_s",
     "rows_per_file", "row_group_size", "max_pixels", "deepcluster.pca_dim",
     "deepcluster.kmeans_iters", "deepcluster.local_max_points", "deepcluster.kmeans_shards",
+    "deepcluster.passes",
 ]  # fmt: skip
 _NON_NEGATIVE = [
-    "cluster.max_staleness", "train.weight_decay", "train.warmup_epochs", "scale.max_failures",
+    "cluster.max_staleness", "train.weight_decay", "train.warmup_epochs", "train.time_budget_s", "scale.max_failures",
     "report.nearest", "report.random", "online.compactness_weight", "online.consistency_weight", "online.entropy_weight", "train.momentum",
 ]  # fmt: skip
 _POSITIVE = ["train.lr", "online.temperature", "scale.cpus_per_worker",
@@ -404,6 +420,9 @@ def _validate_run(cfg: Config) -> None:
             f"train.batch_size: must be divisible by scale.workers={cfg.scale.workers}; "
             f"got {cfg.train.batch_size}"
         )
+    if cfg.scale.centroid_shards > cfg.cluster.k:
+        raise ConfigError(f"scale.centroid_shards: must be <= cluster.k={cfg.cluster.k}; got "
+                          f"{cfg.scale.centroid_shards}")
     if not 0.0 < cfg.deepcluster.max_feature_memory_fraction <= 1.0:
         raise ConfigError("deepcluster.max_feature_memory_fraction: must be in (0, 1]; got "
                           f"{cfg.deepcluster.max_feature_memory_fraction}")

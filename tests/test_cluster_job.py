@@ -70,6 +70,14 @@ def test_killed_worker_resumes_from_checkpoint(digits_shards, tmp_path):
     assert len(metrics["epochs"]) == 2  # both epochs completed after the restart
 
 
+def test_sharded_centroid_servers_train_to_the_same_outputs(digits_shards, tmp_path):
+    out = str(tmp_path / "run")
+    metrics = run_job(digits_shards, out, ["scale.centroid_shards=2"])
+    assert metrics["n_images"] == 1797 and metrics["cluster_sizes"]["empty"] == 0
+    assert len(metrics["epochs"]) == 2 and metrics["nmi"] > 0.3
+    assert os.path.exists(os.path.join(out, "checkpoints", "centroid_server_state.npz.shard1"))
+
+
 def test_killed_centroid_server_restarts_with_its_state(digits_shards, tmp_path):
     out = str(tmp_path / "run")
     metrics = run_job(digits_shards, out, ["debug.kill_server_at_round=20"])

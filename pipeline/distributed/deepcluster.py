@@ -42,6 +42,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data import fs as fsx
+from pipeline.data.augment import AugmentSpec, augment
 from pipeline.data.fs import Location
 from pipeline.data.reader import InputError, decode_spec, find_shards, read_images
 from pipeline.methods.deepcluster import (
@@ -94,8 +95,10 @@ def check_feature_memory(n: int, d: int, cfg: Config, available: int | None = No
     return need
 
 
-def feature_pass(images: Any, model_bytes: bytes, cfg: Config, n: int) -> Features:
-    """Every image through the model in a Ray Data actor pool: :class:`Features`."""
+def feature_pass(images: Any, model_bytes: bytes, cfg: Config, n: int,
+                 untrained: bool = False) -> Features:
+    """Every image through the model in a Ray Data actor pool: :class:`Features`.
+    ``untrained``: BatchNorm uses batch statistics (a fresh model's running ones are not)."""
     import ray
     import ray.data
 
@@ -106,7 +109,8 @@ def feature_pass(images: Any, model_bytes: bytes, cfg: Config, n: int) -> Featur
     dtype = np.float16 if cfg.deepcluster.feature_dtype == "float16" else np.float32
     ds = images.map_batches(
         EmbedActor, fn_constructor_kwargs={"model_bytes": ray.put(model_bytes), "arch": arch,
-                                           "threads": cfg.scale.assign_cpus_per_actor},
+                                           "threads": cfg.scale.assign_cpus_per_actor,
+                                           "batch_stats": untrained},
         batch_size=cfg.cluster.assign_batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.scale.assign_actors),
         num_cpus=cfg.scale.assign_cpus_per_actor, num_gpus=1 if cfg.scale.gpu else 0)
@@ -199,18 +203,31 @@ def _faiss_gpu() -> bool:
 
 
 class AttachLabels:
-    """Ray Data UDF: adds ``pseudo`` (the epoch's cluster of each row's id) and drops ids."""
+    """Ray Data UDF: adds ``pseudo`` (the epoch's cluster of each row's id) and drops ids.
+
+    ``ids`` (sorted) and ``labels`` are object-store refs, fetched once per worker process
+    on first use, so the N-row arrays are not serialised into every task.
+    """
+
+    _cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def __init__(self, ids: Any, labels: Any):
+        self.refs = (ids, labels)
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
         import ray
 
-        self.ids = ray.get(ids) if not isinstance(ids, np.ndarray) else ids
-        self.labels = ray.get(labels) if not isinstance(labels, np.ndarray) else labels
+        key = str(self.refs[0])
+        if key not in self._cache:
+            self._cache.clear()
+            self._cache[key] = (ray.get(self.refs[0]), ray.get(self.refs[1]))
+        return self._cache[key]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        pos = np.searchsorted(self.ids, np.asarray(batch["id"]).astype(str))
+        ids, labels = self._arrays()
+        pos = np.searchsorted(ids, np.asarray(batch["id"]).astype(str))
         out = {k: v for k, v in batch.items() if k != "id"}
-        out["pseudo"] = self.labels[pos]
+        out["pseudo"] = labels[pos]
         return out
 
 
@@ -263,16 +280,18 @@ def train_epoch_loop(config: dict[str, Any]) -> None:
     weights = torch.from_numpy(config["weights"]).to(ray.train.torch.get_device())
     shard = ray.train.get_dataset_shard("train")
     start, seen, step = time.perf_counter(), 0, skip
-    batches = shard.iter_batches(batch_size=t.batch_size // ray.train.get_context()
-                                 .get_world_size(), batch_format="numpy", drop_last=True,
-                                 local_shuffle_buffer_size=4 * t.batch_size,
-                                 local_shuffle_seed=t.seed + epoch)
+    local_batch = t.batch_size // ray.train.get_context().get_world_size()
+    batches = (b for p in range(cfg.deepcluster.passes) for b in shard.iter_batches(
+        batch_size=local_batch, batch_format="numpy", drop_last=True,
+        local_shuffle_buffer_size=4 * t.batch_size, local_shuffle_seed=t.seed + epoch + p))
     device = ray.train.torch.get_device()
     for i, b in enumerate(batches):
         if i < skip:
             continue
         net.train()
         x = torch.from_numpy(np.asarray(b["pixels"], np.float32)).to(device)
+        if cfg.deepcluster.augment:
+            x = augment(x, AugmentSpec(flip=cfg.data.channels == 3))
         y = torch.from_numpy(np.asarray(b["pseudo"], np.int64)).to(device)
         loss = pseudo_label_loss(net(x), y, weights)
         trunk_opt.zero_grad(set_to_none=True)
@@ -329,7 +348,7 @@ def epoch_clustering(files: EpochFiles, images: Any, model_bytes: bytes, cfg: Co
                  files.clustering.uri)
         return load_npz(files.clustering), {}
     t0 = time.perf_counter()
-    features = feature_pass(images, model_bytes, cfg, n)
+    features = feature_pass(images, model_bytes, cfg, n, untrained=epoch == 0)
     t1 = time.perf_counter()
     arrays = cluster_features(features, cfg, cfg.train.seed + epoch)
     facts = {"features_s": t1 - t0, "kmeans_s": time.perf_counter() - t1}
@@ -381,7 +400,13 @@ def train_deepcluster(cfg: Config, input_uri: str, paths: RunPaths) -> TrainedMo
     n = images.count()
     model_bytes, optimizer = save_bytes(initial_model(cfg)), None
     history: list[dict[str, Any]] = []
+    started = time.monotonic()
     for epoch in range(cfg.train.epochs):
+        budget = cfg.train.time_budget_s
+        if history and budget and time.monotonic() - started >= budget:
+            log.info("deepcluster: train.time_budget_s=%s reached after %d epochs", budget,
+                     epoch)
+            break
         files = EpochFiles(paths, epoch)
         if fsx.exists(files.model):
             model_bytes = fsx.read_bytes(files.model)

@@ -52,6 +52,31 @@ def sample_centroids(cfg: Config, images: Any, model: torch.nn.Module) -> np.nda
     return out
 
 
+def start_servers(cfg: Config, paths: RunPaths, init: np.ndarray
+                  ) -> tuple[list[Any], list[tuple[str, str | None]], np.ndarray]:
+    """The run's centroid server, or ``scale.centroid_shards`` servers each owning a range
+    of cluster ids (:mod:`pipeline.kmeans.sharded`). -> (handles, (name, namespace)s, bounds)."""
+    import ray
+
+    from pipeline.kmeans.sharded import shard_bounds
+
+    namespace = ray.get_runtime_context().namespace
+    base = f"centroid-server-{abs(hash(paths.root.uri)) % 10**8}"
+    bounds = shard_bounds(len(init), cfg.scale.centroid_shards)
+    handles, names = [], []
+    for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        single = len(bounds) == 2
+        name = base if single else f"{base}-{s}"
+        state = paths.server_state.uri if single else f"{paths.server_state.uri}.shard{s}"
+        handles.append(create_server(name, namespace, init[lo:hi], store_kwargs(cfg), state,
+                                     cfg.s3, persist_every=cfg.cluster.persist_every,
+                                     crash_at_round=cfg.debug.kill_server_at_round
+                                     if s == 0 else -1))
+        names.append((name, namespace))
+    ray.get([h.info.remote() for h in handles])  # reachable before the workers look them up
+    return handles, names, bounds
+
+
 def train_online(cfg: Config, input_uri: str, paths: RunPaths) -> TrainedModel:
     """Train the ``online`` method on Ray Train with a centroid-server actor."""
     import ray
@@ -66,13 +91,10 @@ def train_online(cfg: Config, input_uri: str, paths: RunPaths) -> TrainedModel:
         images = images.materialize()
     model = initial_model(cfg)
     init = sample_centroids(cfg, images, model)
-    namespace = ray.get_runtime_context().namespace
-    name = f"centroid-server-{abs(hash(paths.root.uri)) % 10**8}"
-    server = create_server(name, namespace, init, store_kwargs(cfg), paths.server_state.uri,
-                           cfg.s3, persist_every=cfg.cluster.persist_every,
-                           crash_at_round=cfg.debug.kill_server_at_round)
-    ray.get(server.info.remote())  # started and reachable before the workers look it up
-    outcome = fit(cfg, images, (name, namespace), paths.checkpoints, save_bytes(model))
-    ray.kill(server, no_restart=True)
+    servers, names, bounds = start_servers(cfg, paths, init)
+    outcome = fit(cfg, images, {"servers": names, "bounds": bounds.tolist()},
+                  paths.checkpoints, save_bytes(model))
+    for server in servers:
+        ray.kill(server, no_restart=True)
     return TrainedModel(outcome.model_bytes, model_arch(cfg), outcome.centroids,
                         outcome.history)

@@ -30,6 +30,7 @@ from pipeline.data import fs as fsx
 from pipeline.data.augment import AugmentSpec
 from pipeline.distributed.centroid_server import RemoteStore, fault_once
 from pipeline.distributed.runtime import pin_threads, verbose
+from pipeline.kmeans.sharded import centroids_of
 from pipeline.kmeans.state_io import pack_state, unpack_state
 from pipeline.methods.online import OnlineLossSpec, OnlineWorker, make_optimizer
 from pipeline.models.arch import build_model
@@ -107,8 +108,7 @@ class _Reporter:
         import ray.train
 
         self.worker.flush()
-        store = self.worker.store
-        assert isinstance(store, RemoteStore)
+        store: Any = self.worker.store
         state = store.state() if self.rank == 0 else None
         if self.rank != 0:
             ray.train.report(metrics, checkpoint=None)
@@ -134,9 +134,9 @@ def _restore(worker: OnlineWorker, rank: int) -> tuple[int, int]:
     _unwrap(worker.model).load_state_dict(st_load(model_bytes))
     worker.optimizer.load_state_dict(optim)
     worker.step, worker.history = meta["step"], meta["history"]
-    assert isinstance(worker.store, RemoteStore)
     if rank == 0:
-        worker.store.load_state(store_state)
+        store: Any = worker.store
+        store.load_state(store_state)
     log.info("rank %d resumed at epoch %d, step %d", rank, meta["epoch"], meta["step"])
     return meta["epoch"], meta["batch_in_epoch"]
 
@@ -146,7 +146,16 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def _build_worker(cfg: Config, server: tuple[str, str | None], rank: int) -> OnlineWorker:
+def connect_store(servers: list[tuple[str, str | None]], bounds: list[int]) -> Any:
+    """A client of the run's centroid server, or of its shards (``scale.centroid_shards``)."""
+    if len(servers) == 1:
+        return RemoteStore.connect(*servers[0])
+    from pipeline.kmeans.sharded import ShardedStore
+
+    return ShardedStore([RemoteStore.connect(*s) for s in servers], np.asarray(bounds))
+
+
+def _build_worker(cfg: Config, server: dict[str, Any], rank: int) -> OnlineWorker:
     import ray.train.torch
 
     torch.manual_seed(cfg.train.seed)
@@ -155,7 +164,8 @@ def _build_worker(cfg: Config, server: tuple[str, str | None], rank: int) -> Onl
     t = cfg.train
     optimizer = make_optimizer(model, t.optimizer, t.lr, t.momentum, t.weight_decay)
     return OnlineWorker(
-        model=model, optimizer=optimizer, store=RemoteStore.connect(*server),
+        model=model, optimizer=optimizer,
+        store=connect_store(server["servers"], server["bounds"]),
         loss_spec=loss_spec(cfg), augment_spec=augment_spec(cfg),
         device=ray.train.torch.get_device(), drift_compensation=cfg.cluster.drift_compensation,
         sync_every=cfg.cluster.sync_every, max_staleness=cfg.cluster.max_staleness, worker=rank,
@@ -163,7 +173,8 @@ def _build_worker(cfg: Config, server: tuple[str, str | None], rank: int) -> Onl
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point: ``config`` = {"cfg": Config, "server": (name, namespace),
+    """Ray Train entry point: ``config`` = {"cfg": Config, "server": {"servers": [(name,
+    namespace), ...], "bounds": shard bounds},
     "init_model": safetensors bytes or None}."""
     import ray.train
     from safetensors.torch import load as st_load
@@ -183,6 +194,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     report = _Reporter(worker, cfg, rank)
     progress = Progress(cfg.train.epochs, enabled=rank == 0)
     local_batch = cfg.train.batch_size // world
+    started = time.monotonic()
     for epoch in range(start_epoch, cfg.train.epochs):
         batches = _batches(shard, local_batch, cfg.train.seed + epoch)
 
@@ -200,6 +212,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         worker.history.append({"epoch": epoch, **parts})
         progress.end_epoch(epoch, parts)
         report({"epoch": epoch, "step": worker.step, **parts}, epoch + 1, 0)
+        if out_of_time(cfg.train.time_budget_s, started):
+            break
+
+
+def out_of_time(budget_s: float, started: float) -> bool:
+    """Rank 0's verdict on ``train.time_budget_s``, broadcast so every rank stops together."""
+    import ray.train.torch
+
+    stop = torch.tensor([float(budget_s > 0 and time.monotonic() - started >= budget_s)])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        stop = stop.to(ray.train.torch.get_device())
+        torch.distributed.broadcast(stop, 0)
+    return bool(stop.item())
 
 
 def _batches(shard: Any, batch_size: int, seed: int) -> Iterator[Any]:
@@ -283,7 +308,7 @@ def trainer_result(cfg: Config, loop: Any, config: dict[str, Any], train_ds: Any
     return result.checkpoint
 
 
-def fit(cfg: Config, train_ds: Any, server: tuple[str, str | None], storage: Any,
+def fit(cfg: Config, train_ds: Any, server: dict[str, Any], storage: Any,
         init_model: bytes | None) -> TrainOutcome:
     """Run (or resume) Ray Train for ``cfg`` with checkpoints under ``storage`` (Location)."""
     checkpoint = trainer_result(cfg, train_loop_per_worker,
@@ -291,8 +316,8 @@ def fit(cfg: Config, train_ds: Any, server: tuple[str, str | None], storage: Any
                                 train_ds, storage, "train")
     with checkpoint.as_directory() as path:
         model_bytes, _, store_state, meta = read_checkpoint(path)
-    return TrainOutcome(model_bytes, np.asarray(store_state["centroids"], dtype=np.float32),
-                        meta["history"], checkpoint.path)
+    return TrainOutcome(model_bytes, centroids_of(store_state), meta["history"],
+                        checkpoint.path)
 
 
 # ------------------------------------------------------------------------------------------

@@ -113,3 +113,34 @@ def test_worker_rebases_when_the_store_stalls(staleness):
     w.max_staleness, w.stall_timeout_s = staleness, 0.05
     w.run_epoch((torch.from_numpy(b) for b in np.split(blobs(64, 2), 8)), train_cnn=False)
     assert w.step == 8  # finished instead of hanging
+
+
+def test_sharded_servers_match_the_single_store_reference(ray_cluster):
+    """k rows split over 2 server actors, 2 workers pushing half batches: the centroids of
+    one in-process store fed the full batches (reseeding off)."""
+    from pipeline.kmeans.sharded import ShardedStore, shard_bounds
+
+    ray = ray_cluster
+    x = blobs(1024, 3)
+    batches = np.split(x, 16)
+    init = init_centroids(x)
+    reference = CentroidStore(init.copy(), num_workers=1, reseed_every=10**9)
+    run_worker(reference, 0, batches)
+
+    bounds = shard_bounds(K, 2)
+    handles = [create_server(f"test-shard-{s}", None, init[lo:hi].copy(),
+                             {"num_workers": 2, "reseed_every": 10**9}, None, None)
+               for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
+
+    def shard_run(w, bs):
+        run_worker(ShardedStore([RemoteStore(h) for h in handles], bounds), w, bs)
+
+    remote_run = ray.remote(num_cpus=0.5)(shard_run)
+    halves = [[b[:32] for b in batches], [b[32:] for b in batches]]
+    ray.get([remote_run.remote(w, halves[w]) for w in (0, 1)])
+    parts = [ray.get(h.pull.remote(-1)) for h in handles]
+    assert [v for v, _ in parts] == [16, 16]
+    np.testing.assert_allclose(np.concatenate([c for _, c in parts]), reference.pull(-1)[1],
+                               rtol=1e-5, atol=1e-5)
+    for h in handles:
+        ray.kill(h)
