@@ -178,9 +178,9 @@ def main(argv: list[str]) -> int:
         print(f"  {label:>2}: {r['images']:,} images, peak PSS {r['peak_pss_mib']:,.0f} MiB "
               f"(RSS sum {r['peak_rss_sum_mib']:,.0f} MiB), {r['images_per_s']:,.0f} images/s, "
               f"late/early rate {r['late_over_early_rate']:.2f}", flush=True)
-    ratio = results["4n"]["peak_pss_mib"] / results["n"]["peak_pss_mib"]
+    ratio = float(results["4n"]["peak_pss_mib"] / results["n"]["peak_pss_mib"])
     headline = {"name": "peak_pss_4n_over_n", "value": round(ratio, 3), "target": 1.2,
-                "meets": ratio <= 1.2}
+                "meets": bool(ratio <= 1.2)}
     path = write_result("memory" + ("-quick" if args.quick else ""), headline,
                         {"runs": results, "shard_rows": SHARD_ROWS, "model": RUN,
                          "settings": TUNED, "quick": args.quick})
