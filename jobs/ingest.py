@@ -25,6 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", help="Parquet output directory or s3:// prefix")
     p.add_argument("--labels-from-folders", action="store_true", default=None)
     p.add_argument("--overwrite", action="store_true", default=None)
+    p.add_argument("--keep-order", action="store_true", default=None,
+                   help="write rows in the source's order (default: a seeded random order)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the row order (default 0)")
     p.add_argument("--config", help="YAML file with IngestConfig fields")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--verbose", action="store_true")
@@ -33,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     flags = {"source": args.source, "output": args.output,
-             "labels_from_folders": args.labels_from_folders, "overwrite": args.overwrite}
+             "labels_from_folders": args.labels_from_folders, "overwrite": args.overwrite,
+             "keep_order": args.keep_order, "seed": args.seed}
     cfg = resolve(IngestConfig, args.config, args.set, flags)
     from pipeline.data.ingest import ingest
     from pipeline.distributed.runtime import init_ray

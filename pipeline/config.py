@@ -27,6 +27,7 @@ Optimizer = Literal["sgd", "adam", "adamw"]
 AssignDecode = Literal["tasks", "actor"]
 Schedule = Literal["constant", "cosine", "step"]
 FeatureDtype = Literal["float32", "float16"]
+ShuffleMode = Literal["auto", "global", "stream"]
 
 
 class ConfigError(ValueError):
@@ -61,6 +62,18 @@ class DataConfig:
     max_pixels: int = 64_000_000  # reject decompression bombs before decoding (W*H)
     decode_batch_size: int = 256  # rows per decode task; bounded so blocks stay small
     cache_decoded: bool = False  # decode once into the object store (small datasets only)
+    # Training streams never trust the stored order (inputs are often sorted by class):
+    # "global" = a full random permutation of the encoded rows every epoch; "stream" = file
+    # and block order re-drawn every epoch plus the local buffer below; "auto" = global up to
+    # global_shuffle_max_gb of input, where its measured cost is small (README), else stream.
+    shuffle: ShuffleMode = "auto"
+    # 8 GiB of encoded images is ~5M CIFAR-size or ~70k ImageNet-size JPEGs: an all-to-all of
+    # that per epoch stays cheap next to decode + training; beyond it, write shuffled shards
+    # (jobs/ingest.py does by default) and stream.
+    global_shuffle_max_gb: float = 8.0  # 0 = always stream
+    # Local shuffle buffer per worker, in decoded float32 pixels: 256 MiB is ~21k rows at
+    # 32 px RGB, ~440 at 224 px; large against a 256-row decode block either way.
+    shuffle_buffer_mb: float = 256.0
 
 
 @dataclass
@@ -79,6 +92,11 @@ class ClusterConfig:
     """Mini-batch k-means and the centroid server (DESIGN §4)."""
 
     k: int = 10  # number of clusters
+    # Initial centroids: k-means++ over the features of a uniform sample of init_pool images
+    # per cluster (at most init_pool_max, decoded on the driver); "random" = k of them as drawn.
+    init: Literal["kmeans++", "random"] = "kmeans++"
+    init_pool: int = 10
+    init_pool_max: int = 20_000
     sync_every: int = 1  # steps between pushes of aggregated statistics to the server
     max_staleness: int = 1  # rounds a worker may run ahead of the applied centroids (0 = sync)
     # Hsu & Lin 2017. Off by default: on MNIST the measured batch drift includes the loss's
@@ -222,6 +240,10 @@ class IngestConfig:
     labels_from_folders: bool = False  # label = name of the image's parent folder
     overwrite: bool = False  # replace a complete output
     rows_per_file: int = 10_000  # shard size
+    # Rows go out in a seeded random order across shards (folder and zip sources list in path
+    # order, i.e. sorted by class); the same seed gives the same shards. keep_order = source order.
+    keep_order: bool = False
+    seed: int = 0
     row_group_size: int = 1_000  # bounded row groups so readers stream
     max_pixels: int = 64_000_000  # larger images are rejected as absurd
     s3: S3Config = field(default_factory=S3Config)
@@ -356,7 +378,7 @@ def _nested(dotted: str, value: Any) -> dict[str, Any]:
 
 _POSITIVE_INT = [
     "data.image_size", "data.max_pixels", "data.decode_batch_size", "model.feature_dim", "model.width",
-    "cluster.k", "cluster.sync_every", "cluster.reseed_every", "cluster.reservoir_size",
+    "cluster.k", "cluster.init_pool", "cluster.init_pool_max", "cluster.sync_every", "cluster.reseed_every", "cluster.reservoir_size",
     "cluster.assign_batch_size", "cluster.persist_every", "cluster.outlier_min_members",
     "report.sample_rows", "report.page_size", "report.max_montages", "report.thumb_px",
     "train.epochs", "train.batch_size", "scale.workers",
@@ -366,10 +388,11 @@ _POSITIVE_INT = [
     "deepcluster.passes",
 ]  # fmt: skip
 _NON_NEGATIVE = [
-    "cluster.max_staleness", "train.weight_decay", "train.warmup_epochs", "train.time_budget_s", "scale.max_failures",
+    "data.global_shuffle_max_gb", "cluster.max_staleness", "train.weight_decay", "train.warmup_epochs", "train.time_budget_s", "scale.max_failures",
     "report.nearest", "report.random", "online.compactness_weight", "online.consistency_weight", "online.entropy_weight", "train.momentum",
 ]  # fmt: skip
 _POSITIVE = ["train.lr", "online.temperature", "scale.cpus_per_worker",
+             "data.shuffle_buffer_mb",
              "scale.assign_cpus_per_actor", "scale.read_cpus",
              "s3.connect_timeout_s", "s3.request_timeout_s"]  # fmt: skip
 

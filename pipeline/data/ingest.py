@@ -3,7 +3,11 @@
 A Ray Data job: the driver enumerates the source, tasks fetch the original encoded bytes and
 check that each image decodes, good rows are written as Parquet shards with bounded row groups,
 bad ones go to ``_rejects/`` with their source path and reason, and ``_SUCCESS`` is written
-last. The output is staged and published whole, so a reader never sees a half-written ingest:
+last. Rows go out in a seeded random order across shards (:func:`seeded_order` over the
+ids, ``--keep-order`` keeps the source's), since folder and zip sources list in path order,
+which is class order; the same seed gives the same shards, named ``part-NNNNN.parquet`` in
+stream order. The output is staged and published whole, so a reader never sees a half-written
+ingest:
 
 * local output: staged in a hidden sibling folder, then swapped in with renames;
 * ``s3://`` output: staged under ``PREFIX/_staging-*/`` (ignored by Parquet readers), then
@@ -29,6 +33,7 @@ from pipeline.data.decode import DecodeError, decode_to_uint8
 from pipeline.data.fs import Location
 from pipeline.data.publish import SUCCESS, publish, staging_for
 from pipeline.data.quarantine import read_rejects, write_rejects
+from pipeline.data.sampling import seeded_order
 from pipeline.data.sources import Source, open_source
 
 log = logging.getLogger(__name__)
@@ -110,7 +115,10 @@ def ingest(cfg: IngestConfig) -> IngestResult:
                             existing["label_counts"], True, 0.0)
     source = open_source(cfg.source, cfg.s3, cfg.labels_from_folders)
     items = source.items()
-    log.info("ingesting %d images from %s into %s", len(items), cfg.source, cfg.output)
+    if not cfg.keep_order:
+        items = [items[i] for i in seeded_order([it["id"] for it in items], cfg.seed)]
+    log.info("ingesting %d images from %s into %s (%s order)", len(items), cfg.source,
+             cfg.output, "source" if cfg.keep_order else f"random, seed {cfg.seed}")
     staging = staging_for(output)
     try:
         _write_shards(source, items, staging, cfg)
@@ -138,11 +146,35 @@ def _write_shards(source: Source, items: list[dict[str, Any]], staging: Location
 
     batch = 256
     blocks = max(1, min(200, len(items) // batch))
-    ds: Any = ray.data.from_items(items, override_num_blocks=blocks)
-    ds = ds.map_batches(FetchAndCheck(source, staging.join(REJECTS), cfg.max_pixels),
-                        batch_size=batch, batch_format="numpy", num_cpus=1)
-    ds.write_parquet(staging.path, filesystem=staging.fs, min_rows_per_file=cfg.row_group_size,
-                     max_rows_per_file=cfg.rows_per_file, row_group_size=cfg.row_group_size)
+    context = ray.data.DataContext.get_current()
+    keep, context.execution_options.preserve_order = \
+        context.execution_options.preserve_order, True  # the same seed -> the same shards
+    try:
+        ds: Any = ray.data.from_items(items, override_num_blocks=blocks)
+        ds = ds.map_batches(FetchAndCheck(source, staging.join(REJECTS), cfg.max_pixels),
+                            batch_size=batch, batch_format="numpy", num_cpus=1)
+        ds.write_parquet(staging.path, filesystem=staging.fs,
+                         min_rows_per_file=cfg.row_group_size,
+                         max_rows_per_file=cfg.rows_per_file, row_group_size=cfg.row_group_size)
+    finally:
+        context.execution_options.preserve_order = keep
+    _name_in_order(staging, {it["id"]: i for i, it in enumerate(items)})
+
+
+def _name_in_order(staging: Location, position: dict[str, int]) -> None:
+    """Rename Ray's uuid-named shards to ``part-NNNNN.parquet`` by where their first row
+    stands in the written order, so re-runs give the same names."""
+    import pyarrow.parquet as pq
+
+    first = {}
+    for f in (info.path for info in fsx.list_files(staging, (".parquet",))):
+        shard = pq.ParquetFile(f, filesystem=staging.fs)
+        if shard.metadata.num_rows == 0:
+            staging.fs.delete_file(f)
+            continue
+        first[f] = position[shard.read_row_group(0, columns=["id"]).column("id")[0].as_py()]
+    for n, path in enumerate(sorted(first, key=first.__getitem__)):
+        staging.fs.move(path, staging.join(f"part-{n:05d}.parquet").path)
 
 
 def _manifest(staging: Location, cfg: IngestConfig, seconds: float) -> dict[str, Any]:

@@ -5,12 +5,26 @@
 the shards have one. Decoding happens per row inside the map UDF: a bad image is written to
 the quarantine folder with its id and reason and dropped, so it never fails a block
 (RAY_NOTES: Data). Nothing is materialised: Ray Data streams blocks through bounded queues.
+
+**Order.** Real inputs are often sorted by class, so a training stream never trusts the
+stored order (:class:`ShuffleSpec`, re-drawn every epoch, i.e. every execution of the
+dataset, from ``train.seed`` and Ray Data's execution index):
+
+* ``global``: a full random permutation of the encoded rows (``Dataset.random_shuffle``,
+  before decode, so the all-to-all moves compressed bytes, not pixels);
+* ``stream``: file order re-drawn per epoch at the read (``FileShuffleConfig``), block order
+  re-drawn when the dataset is materialised (``randomize_block_order``), and the workers'
+  local shuffle buffer (``data.shuffle_buffer_mb``).
+
+``auto`` (the default) is ``global`` up to ``data.global_shuffle_max_gb`` of input, else
+``stream``. Initial samples (k-means seeds) come from :func:`sample_rows`: a uniform bottom-k
+sample over one streaming pass (:mod:`pipeline.data.sampling`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +35,7 @@ from pipeline.data import fs as fsx
 from pipeline.data.decode import DecodeSpec, decode_batch, normalize
 from pipeline.data.fs import Location
 from pipeline.data.quarantine import write_rejects
+from pipeline.data.sampling import BottomK, bottom_k, row_keys
 
 
 class InputError(ValueError):
@@ -40,6 +55,7 @@ class Shards:
     location: Location
     files: list[str]
     has_label: bool
+    nbytes: int = 0  # total size of the files
 
 
 def find_shards(uri: str, s3: S3Config | None = None) -> Shards:
@@ -51,13 +67,13 @@ def find_shards(uri: str, s3: S3Config | None = None) -> Shards:
         raise InputError(str(exc)) from exc
     if kind.name == "NotFound":
         raise InputError(f"{uri}: no such directory or prefix")
-    files = [f.path for f in fsx.list_files(loc, (".parquet",))] if kind.name != "File" \
-        else [loc.path]
+    infos = fsx.list_files(loc, (".parquet",)) if kind.name != "File" else [fsx.info(loc)]
+    files = [f.path for f in infos]
     if not files:
         raise InputError(f"{uri}: no Parquet shards (*.parquet) found")
     schema = pq.read_schema(files[0], filesystem=loc.fs)
     check_schema(schema, f"{uri} ({files[0]})")
-    return Shards(loc, files, "label" in schema.names)
+    return Shards(loc, files, "label" in schema.names, sum(max(0, f.size or 0) for f in infos))
 
 
 def check_schema(schema: pa.Schema, where: str) -> None:
@@ -109,15 +125,91 @@ class DecodeImages:
         return {"id": np.array(ids, dtype=object), "pixels": full, "reason": reason, **extra}
 
 
+@dataclass(frozen=True)
+class ShuffleSpec:
+    """How a training stream is randomised (module docstring): the mode and its base seed."""
+
+    mode: Literal["global", "stream"]
+    seed: int
+    buffer_rows: int  # local shuffle buffer per worker, in rows
+
+    @staticmethod
+    def of(cfg: Config, shards: Shards) -> ShuffleSpec:
+        """``cfg.data.shuffle`` resolved for this input (``auto`` by its size)."""
+        mode = cfg.data.shuffle
+        if mode == "auto":
+            small = shards.nbytes <= cfg.data.global_shuffle_max_gb * 2**30
+            mode = "global" if small else "stream"
+        return ShuffleSpec(mode, cfg.train.seed, shuffle_buffer_rows(cfg))
+
+    def seed_config(self) -> Any:
+        """A new permutation per execution (epoch), reproducible from ``seed``."""
+        from ray.data import RandomSeedConfig
+
+        return RandomSeedConfig(seed=self.seed, reseed_after_execution=True)
+
+    def apply(self, ds: Any) -> Any:
+        """Re-order a dataset per epoch: a full shuffle, or its block order (cheap once
+        materialised; on a lazy read it would be an all-to-all barrier, so
+        :func:`read_images` shuffles files at the source instead)."""
+        if self.mode == "global":
+            return ds.random_shuffle(seed=self.seed_config())
+        return ds.randomize_block_order(seed=self.seed_config())
+
+
+def shuffle_buffer_rows(cfg: Config) -> int:
+    """Rows of each worker's local shuffle buffer: ``data.shuffle_buffer_mb`` of float32
+    pixels, and never under two local batches."""
+    row_bytes = 4 * cfg.data.channels * cfg.data.image_size ** 2
+    local_batch = cfg.train.batch_size // cfg.scale.workers
+    return max(2 * local_batch, int(cfg.data.shuffle_buffer_mb * 2**20 // row_bytes))
+
+
 def read_images(uri: str, spec: DecodeSpec, *, s3: S3Config | None = None,
                 rejects: Location | None = None, normalized: bool = True,
-                batch_size: int = 256, num_cpus: float = 1.0) -> Any:
-    """Lazy ``ray.data.Dataset`` of decoded images from the shards under ``uri``."""
+                batch_size: int = 256, num_cpus: float = 1.0,
+                shuffle: ShuffleSpec | None = None) -> Any:
+    """Lazy ``ray.data.Dataset`` of decoded images from the shards under ``uri``; with
+    ``shuffle``, in a new random order every epoch (module docstring)."""
     import ray.data
 
     shards = find_shards(uri, s3)
     columns = ["id", "image"] + (["label"] if shards.has_label else [])
-    ds = ray.data.read_parquet(shards.files, filesystem=shards.location.fs)
+    files = None if shuffle is None else ray.data.FileShuffleConfig(
+        seed=shuffle.seed, reseed_after_execution=True)
+    ds = ray.data.read_parquet(shards.files, filesystem=shards.location.fs, shuffle=files)
     ds = ds.select_columns(columns)
+    if shuffle is not None and shuffle.mode == "global":
+        ds = shuffle.apply(ds)
     return ds.map_batches(DecodeImages(spec, rejects, normalized), batch_size=batch_size,
                           batch_format="numpy", num_cpus=num_cpus)
+
+
+class _BlockBottomK:
+    """Ray Data UDF: a block's own bottom-k rows by :func:`row_keys`, with their keys."""
+
+    def __init__(self, k: int, seed: int):
+        self.k, self.seed = k, seed
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        keys = row_keys(batch["id"], self.seed)
+        keep = bottom_k(keys, self.k)
+        return {"key": keys[keep], **{c: np.asarray(v)[keep] for c, v in batch.items()}}
+
+
+def sample_rows(shards: Shards, k: int, seed: int) -> list[dict[str, Any]]:
+    """k rows (``id``, ``image`` bytes, ``label`` when present) drawn uniformly from the
+    whole input in one streaming pass, whatever the stored or arrival order, in key order;
+    the same ``seed`` gives the same rows. Blocks reduce themselves to their bottom-k and the
+    driver merges them (O(k) memory)."""
+    import ray.data
+
+    columns = ["id", "image"] + (["label"] if shards.has_label else [])
+    ds = ray.data.read_parquet(shards.files, filesystem=shards.location.fs)
+    ds = ds.select_columns(columns).map_batches(
+        _BlockBottomK(k, seed), batch_format="numpy", batch_size=None)
+    sample = BottomK(k)
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        rows = [{c: batch[c][i] for c in columns} for i in range(len(batch["key"]))]
+        sample.add(batch["key"], rows)
+    return sample.rows

@@ -29,6 +29,7 @@ in the same space.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -44,7 +45,7 @@ from pipeline.config import Config
 from pipeline.data import fs as fsx
 from pipeline.data.augment import AugmentSpec, augment
 from pipeline.data.fs import Location
-from pipeline.data.reader import InputError, decode_spec, find_shards, read_images
+from pipeline.data.reader import InputError, ShuffleSpec, decode_spec, find_shards, read_images
 from pipeline.methods.deepcluster import (
     LocalShard,
     MomentStats,
@@ -255,7 +256,12 @@ def train_epoch_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from pipeline.distributed.runtime import pin_threads
-    from pipeline.distributed.train import fault_point, restore_state, save_state
+    from pipeline.distributed.train import (
+        epoch_batches_kwargs,
+        fault_point,
+        restore_state,
+        save_state,
+    )
     from pipeline.methods.online import make_optimizer
 
     cfg: Config = config["cfg"]
@@ -282,8 +288,7 @@ def train_epoch_loop(config: dict[str, Any]) -> None:
     start, seen, step = time.perf_counter(), 0, skip
     local_batch = t.batch_size // ray.train.get_context().get_world_size()
     batches = (b for p in range(cfg.deepcluster.passes) for b in shard.iter_batches(
-        batch_size=local_batch, batch_format="numpy", drop_last=True,
-        local_shuffle_buffer_size=4 * t.batch_size, local_shuffle_seed=t.seed + epoch + p))
+        batch_size=local_batch, **epoch_batches_kwargs(cfg, epoch, p)))
     device = ray.train.torch.get_device()
     for i, b in enumerate(batches):
         if i < skip:
@@ -361,14 +366,19 @@ def epoch_clustering(files: EpochFiles, images: Any, model_bytes: bytes, cfg: Co
 
 def train_one_epoch(cfg: Config, images: Any, arrays: dict[str, np.ndarray],
                     model_bytes: bytes, optimizer: dict[str, Any] | None, epoch: int,
-                    files: EpochFiles) -> tuple[bytes, dict[str, Any], dict[str, float]]:
-    """One Ray Train run over (pixels, pseudo) -> (model bytes, trunk optimiser, metrics)."""
+                    files: EpochFiles, shuffle: ShuffleSpec
+                    ) -> tuple[bytes, dict[str, Any], dict[str, float]]:
+    """One Ray Train run over (pixels, pseudo) in a fresh random order (``shuffle``, on the
+    materialised images) -> (model bytes, trunk optimiser, metrics)."""
     import ray
 
     from pipeline.distributed.train import run_trainer
 
     attach = AttachLabels(ray.put(arrays["ids"]), ray.put(arrays["labels"]))
-    data = images.map_batches(attach, batch_format="numpy")
+    # The epoch's own seed: each epoch is a new dataset (and Ray Train run), whose execution
+    # index restarts; passes within the epoch still get new orders from it.
+    order = dataclasses.replace(shuffle, seed=shuffle.seed + 1000 * epoch)
+    data = order.apply(images).map_batches(attach, batch_format="numpy")
     config = {"cfg": cfg, "epoch": epoch, "model_bytes": model_bytes, "optimizer": optimizer,
               "weights": class_weights(arrays["labels"], cfg.cluster.k)}
     state = run_trainer(cfg, train_epoch_loop, config, data, files.checkpoints,
@@ -392,11 +402,12 @@ def train_deepcluster(cfg: Config, input_uri: str, paths: RunPaths) -> TrainedMo
     from pipeline.distributed.job import initial_model
     from pipeline.run import TrainedModel
 
-    has_label = find_shards(input_uri, cfg.s3).has_label
+    shards = find_shards(input_uri, cfg.s3)
+    shuffle = ShuffleSpec.of(cfg, shards)
     images = read_images(input_uri, decode_spec(cfg), s3=cfg.s3,
                          batch_size=cfg.data.decode_batch_size)
-    images = images.select_columns(["id", "pixels"] + (["label"] if has_label else []))
-    images = images.materialize()
+    images = images.select_columns(["id", "pixels"] + (["label"] if shards.has_label else []))
+    images = images.materialize()  # the feature passes' order does not matter
     n = images.count()
     model_bytes, optimizer = save_bytes(initial_model(cfg)), None
     history: list[dict[str, Any]] = []
@@ -416,7 +427,7 @@ def train_deepcluster(cfg: Config, input_uri: str, paths: RunPaths) -> TrainedMo
         t0 = time.perf_counter()
         arrays, facts = epoch_clustering(files, images, model_bytes, cfg, n, epoch)
         model_bytes, optimizer, metrics = train_one_epoch(cfg, images, arrays, model_bytes,
-                                                          optimizer, epoch, files)
+                                                          optimizer, epoch, files, shuffle)
         row = {"epoch": epoch, **facts, **metrics, "seconds": time.perf_counter() - t0,
                "empty_clusters": int((np.bincount(arrays["labels"], minlength=cfg.cluster.k)
                                       == 0).sum())}

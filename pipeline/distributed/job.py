@@ -9,9 +9,18 @@ import numpy as np
 import torch
 
 from pipeline.config import Config
-from pipeline.data.reader import decode_spec, find_shards, read_images
+from pipeline.data.decode import decode_batch, normalize
+from pipeline.data.reader import (
+    Shards,
+    ShuffleSpec,
+    decode_spec,
+    find_shards,
+    read_images,
+    sample_rows,
+)
 from pipeline.distributed.centroid_server import create_server
 from pipeline.distributed.train import fit
+from pipeline.kmeans.init import pool_size, seed_centroids
 from pipeline.methods.online import initial_centroids
 from pipeline.models.arch import build_model, model_arch
 from pipeline.models.weights import save_bytes
@@ -40,16 +49,44 @@ def initial_model(cfg: Config) -> torch.nn.Module:
     return model
 
 
-def sample_centroids(cfg: Config, images: Any, model: torch.nn.Module) -> np.ndarray:
-    """Features of k random images (DESIGN §5.1), embedded in bounded batches: (k, d)."""
-    k = cfg.cluster.k
-    sample = images.select_columns(["pixels"]).randomize_block_order(seed=cfg.train.seed).limit(k)
-    feats = [initial_centroids(model, b["pixels"])
-             for b in sample.iter_torch_batches(batch_size=256, dtypes=torch.float32)]
-    out = np.concatenate(feats) if feats else np.empty((0, cfg.model.feature_dim), np.float32)
-    if len(out) < k:
-        raise ValueError(f"cluster.k={k} is larger than the number of images ({len(out)})")
-    return out
+def sample_centroids(cfg: Config, shards: Shards, model: torch.nn.Module) -> np.ndarray:
+    """k initial centroids (k, d) float32 (DESIGN §4, §5.1): k-means++ over the features of
+    :func:`initial_pool` (:mod:`pipeline.kmeans.init`)."""
+    _, pool = initial_pool(cfg, shards, model)
+    return seed_centroids(pool, cfg.cluster.k, cfg.train.seed, cfg.cluster.init)
+
+
+def initial_pool(cfg: Config, shards: Shards, model: torch.nn.Module
+                 ) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Candidate rows drawn uniformly from the whole input (a bottom-k sample over one
+    streaming pass, so neither a class-sorted input nor Ray Data's block order biases it;
+    ``train.seed`` fixes it) and their features (m, d) under ``model``."""
+    c = cfg.cluster
+    size = pool_size(c.k, c.init_pool, c.init_pool_max)
+    rows = sample_rows(shards, size + max(16, size // 8), cfg.train.seed)  # spares: bad images
+    spec = decode_spec(cfg)
+    decoded = decode_batch([bytes(r["image"]) for r in rows], spec)
+    if len(decoded.ok) < c.k:
+        raise ValueError(f"cluster.k={c.k} is larger than the number of decodable images "
+                         f"({len(decoded.ok)})")
+    pixels = normalize(decoded.pixels[:size], spec)
+    pool = np.concatenate([initial_centroids(model, x) for x in pixels.split(256)])
+    return [rows[i] for i in decoded.ok[:size]], pool
+
+
+def training_images(cfg: Config, input_uri: str, shards: Shards, columns: list[str]) -> Any:
+    """The decoded training stream (``columns`` plus ``label`` when present), in a new random
+    order every epoch (:class:`~pipeline.data.reader.ShuffleSpec`); with
+    ``data.cache_decoded`` decoded once and re-ordered in the object store."""
+    shuffle = ShuffleSpec.of(cfg, shards)
+    log.info("training order: %s shuffle (data.shuffle=%s), %d-row local buffer per worker",
+             shuffle.mode, cfg.data.shuffle, shuffle.buffer_rows)
+    cached = cfg.data.cache_decoded
+    images = read_images(input_uri, decode_spec(cfg), s3=cfg.s3,
+                         batch_size=cfg.data.decode_batch_size,
+                         shuffle=None if cached else shuffle)
+    images = images.select_columns(columns + (["label"] if shards.has_label else []))
+    return shuffle.apply(images.materialize()) if cached else images
 
 
 def start_servers(cfg: Config, paths: RunPaths, init: np.ndarray
@@ -83,14 +120,10 @@ def train_online(cfg: Config, input_uri: str, paths: RunPaths) -> TrainedModel:
 
     from pipeline.run import TrainedModel
 
-    has_label = find_shards(input_uri, cfg.s3).has_label
-    images = read_images(input_uri, decode_spec(cfg), s3=cfg.s3,
-                         batch_size=cfg.data.decode_batch_size)
-    images = images.select_columns(["pixels"] + (["label"] if has_label else []))
-    if cfg.data.cache_decoded:
-        images = images.materialize()
+    shards = find_shards(input_uri, cfg.s3)
+    images = training_images(cfg, input_uri, shards, ["pixels"])
     model = initial_model(cfg)
-    init = sample_centroids(cfg, images, model)
+    init = sample_centroids(cfg, shards, model)
     servers, names, bounds = start_servers(cfg, paths, init)
     outcome = fit(cfg, images, {"servers": names, "bounds": bounds.tolist()},
                   paths.checkpoints, save_bytes(model))

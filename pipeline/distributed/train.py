@@ -196,7 +196,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     local_batch = cfg.train.batch_size // world
     started = time.monotonic()
     for epoch in range(start_epoch, cfg.train.epochs):
-        batches = _batches(shard, local_batch, cfg.train.seed + epoch)
+        batches = _batches(shard, local_batch, epoch_batches_kwargs(cfg, epoch))
 
         def on_step(i: int, epoch: int = epoch) -> None:
             if rank == 0:
@@ -227,11 +227,20 @@ def out_of_time(budget_s: float, started: float) -> bool:
     return bool(stop.item())
 
 
-def _batches(shard: Any, batch_size: int, seed: int) -> Iterator[Any]:
+def epoch_batches_kwargs(cfg: Config, epoch: int, pass_: int = 0) -> dict[str, Any]:
+    """``iter_batches`` arguments of one pass over a worker's shard: numpy batches through
+    the local shuffle buffer (``data.shuffle_buffer_mb``), seeded per epoch and pass. The
+    shard's own order is already re-drawn per epoch (``read_images``' ShuffleSpec)."""
+    from pipeline.data.reader import shuffle_buffer_rows
+
+    return {"batch_format": "numpy", "drop_last": True,
+            "local_shuffle_buffer_size": shuffle_buffer_rows(cfg),
+            "local_shuffle_seed": cfg.train.seed + 1000 * epoch + pass_}
+
+
+def _batches(shard: Any, batch_size: int, kwargs: dict[str, Any]) -> Iterator[Any]:
     """(pixels (n, C, H, W) float tensor, labels (n,) or None) from this worker's shard."""
-    for b in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
-                                local_shuffle_buffer_size=4 * batch_size,
-                                local_shuffle_seed=seed):
+    for b in shard.iter_batches(batch_size=batch_size, **kwargs):
         x = torch.from_numpy(np.asarray(b["pixels"], dtype=np.float32))
         yield (x, b["label"]) if "label" in b else x
 
