@@ -27,7 +27,7 @@ def write_report(run_uri: str, s3: S3Config | None = None,
     if s3 is not None:
         cfg.s3 = s3
     data = gather(paths, cfg)
-    page = render(data, cfg.report.page_size, cfg.report.thumb_px)
+    page = render(data, cfg.report.page_size, cfg.report.thumb_px, cfg.report.map_legend)
     fsx.write_bytes_atomic(paths.report, page.encode())
     log.info("report: %d clusters, %.1f MB, %s", len(data.sizes), len(page) / 1e6,
              paths.report.uri)

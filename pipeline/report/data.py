@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from pipeline.config import Config
 from pipeline.data import fs as fsx
 from pipeline.data.fs import Location
+from pipeline.report.embedding import EmbeddingMap, build_map
 from pipeline.run import DEMO_INPUT, RunPaths
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ class ClusterView:
     top_labels: list[tuple[str, int]] = field(default_factory=list)
     nearest: list[bytes] = field(default_factory=list)
     random: list[bytes] = field(default_factory=list)
+    nearest_ids: list[str] = field(default_factory=list)  # ids of ``nearest``, same order
+    random_ids: list[str] = field(default_factory=list)  # ids of ``random``, same order
+    labels_of: dict[str, str] = field(default_factory=dict)  # id -> label of those images
     sampled: bool = False  # False beyond report.max_montages: listed without a montage
 
 
@@ -62,6 +66,8 @@ class ReportData:
     clusters: list[ClusterView]  # every cluster, largest first
     confusion: Confusion | None
     sample_note: str
+    embedding: EmbeddingMap | None = None  # the map of the montage images (embedding.py)
+    map_note: str = ""
 
 
 def gather(paths: RunPaths, cfg: Config) -> ReportData:
@@ -73,6 +79,7 @@ def gather(paths: RunPaths, cfg: Config) -> ReportData:
     views = _cluster_views(clusters, table.column("distance").to_numpy(), labels, sizes,
                            _thresholds(paths))
     note = _attach_samples(views[: cfg.report.max_montages], paths, cfg)
+    embedding, map_note = build_map(views[: cfg.report.max_montages], paths, cfg)
     return ReportData(
         run_uri=paths.root.uri,
         metrics=_json(paths.metrics, {}),
@@ -80,7 +87,7 @@ def gather(paths: RunPaths, cfg: Config) -> ReportData:
         history=_json(paths.history, []),
         sizes=sizes, clusters=views,
         confusion=None if labels is None else confusion(clusters, labels, sizes),
-        sample_note=note,
+        sample_note=note, embedding=embedding, map_note=map_note,
     )
 
 
@@ -174,8 +181,12 @@ def _attach_samples(views: list[ClusterView], paths: RunPaths, cfg: Config) -> s
     for view in views:
         view.sampled = True
         near, rand = wanted["by_cluster"].get(view.cluster, ([], []))
-        view.nearest = [images[i] for i in near if i in images]
-        view.random = [images[i] for i in rand if i in images]
+        view.nearest_ids = [i for i in near if i in images]
+        view.random_ids = [i for i in rand if i in images]
+        view.nearest = [images[i] for i in view.nearest_ids]
+        view.random = [images[i] for i in view.random_ids]
+        view.labels_of = {i: wanted["label_of"][i] for i in near + rand
+                          if wanted["label_of"].get(i) is not None}
     return (f"Montages sample {rows:,} images from {len(picked)} of {len(files)} shards "
             f"(report.sample_rows={cfg.report.sample_rows:,}).")
 
@@ -186,12 +197,14 @@ def _choose(views: list[ClusterView], paths: RunPaths, picked: list[str], cfg: C
     root = paths.assignments.path.rstrip("/")
     tables = []
     for path in picked:
+        names = pq.read_schema(path, filesystem=paths.assignments.fs).names
         t = pq.read_table(path, filesystem=paths.assignments.fs,
-                          columns=["id", "cluster", "distance"])
+                          columns=[c for c in ("id", "cluster", "distance", "label")
+                                   if c in names])
         tables.append(t.append_column("rel", pa.array([posixpath.relpath(path, root)]
                                                       * t.num_rows, pa.string())))
     if not tables:
-        return {"by_cluster": {}, "shard_of": {}}
+        return {"by_cluster": {}, "shard_of": {}, "label_of": {}}
     sample = pa.concat_tables(tables)
     ids = np.asarray(sample.column("id").to_pylist(), dtype=object)
     cl = sample.column("cluster").to_numpy()
@@ -209,7 +222,17 @@ def _choose(views: list[ClusterView], paths: RunPaths, picked: list[str], cfg: C
     rel = np.asarray(sample.column("rel").to_pylist(), dtype=object)
     chosen = {i for near, rand in by_cluster.values() for i in near + rand}
     shard_of = {ids[j]: rel[j] for j in range(len(ids)) if ids[j] in chosen}
-    return {"by_cluster": by_cluster, "shard_of": shard_of}
+    return {"by_cluster": by_cluster, "shard_of": shard_of,
+            "label_of": _labels_of(sample, ids, chosen)}
+
+
+def _labels_of(sample: pa.Table, ids: np.ndarray, chosen: set[str]) -> dict[str, str | None]:
+    """Label of each chosen id (for the map's colour-by-label); empty without labels."""
+    if "label" not in sample.column_names:
+        return {}
+    labels = sample.column("label").to_pylist()
+    return {ids[j]: None if labels[j] is None else str(labels[j])
+            for j in range(len(ids)) if ids[j] in chosen}
 
 
 def _fetch_images(paths: RunPaths, cfg: Config, wanted: dict[str, Any]) -> dict[str, bytes]:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.report.data import ClusterView, Confusion, ReportData
+from pipeline.report.map_view import MAP_SCRIPT, MAP_STYLE, map_section
 from pipeline.report.montage import data_uri, montage
 
 CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
@@ -55,7 +56,8 @@ SCRIPT = """
 """
 
 
-def render(data: ReportData, page_size: int, thumb_px: int) -> str:
+def render(data: ReportData, page_size: int, thumb_px: int, legend_cap: int = 50) -> str:
+    """The page; ``legend_cap``: clusters (and labels) named in the map's legends."""
     m = data.metrics
     title = f"Clusters of {m.get('n_images', '?'):,} images" if isinstance(
         m.get("n_images"), int) else "Cluster report"
@@ -69,6 +71,8 @@ def render(data: ReportData, page_size: int, thumb_px: int) -> str:
     ]
     if data.confusion is not None:
         body += ["<h2>Clusters × labels</h2>", confusion_table(data.confusion)]
+    body += ["<h2>Embedding map</h2>",
+             map_section(data.embedding, data.map_note, thumb_px, legend_cap)]
     body += ["<h2>Clusters</h2>", f"<p class=muted>{E(data.sample_note)} Top row: nearest to "
              "the centroid; bottom row: random members. Largest clusters first.</p>",
              pager(), *cluster_sections(data.clusters, page_size, thumb_px),
@@ -76,9 +80,9 @@ def render(data: ReportData, page_size: int, thumb_px: int) -> str:
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8>"
             f"<meta http-equiv=Content-Security-Policy content=\"{CSP}\">"
             f"<meta name=viewport content='width=device-width,initial-scale=1'>"
-            f"<title>{E(title)}</title><style>{STYLE}</style></head>"
+            f"<title>{E(title)}</title><style>{STYLE}{MAP_STYLE}</style></head>"
             f"<body data-page-size={page_size}>{''.join(body)}"
-            f"<script>{SCRIPT}</script></body></html>")
+            f"<script>{SCRIPT}</script><script>{MAP_SCRIPT}</script></body></html>")
 
 
 # --------------------------------------------------------------------------------------------

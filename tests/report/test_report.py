@@ -20,13 +20,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import Config, dump_yaml, resolve
+from pipeline.models.arch import build_model, model_arch
+from pipeline.models.weights import arch_json, save_bytes
 from pipeline.report import write_report
-from pipeline.report.data import confusion
+from pipeline.report.data import ClusterView, confusion
+from pipeline.report.embedding import EmbeddingMap, plan_points, project, select
+from pipeline.report.map_view import map_section
 from tests.conftest import REPO
 from tests.images import encode
 
 K, PAGE = 30, 12
 SCREENSHOT = REPO / "artifacts" / "report.png"
+MAP_SCREENSHOT = REPO / "artifacts" / "report-map.png"
+HOSTILE = ["<script>alert(1)</script>", "\"'><img src=x onerror=alert(1)>"]
 
 
 def write_run(root: Path, k: int = K, per_cluster: int = 6, corrupt_id: str | None = None) -> None:
@@ -65,6 +71,19 @@ def write_run(root: Path, k: int = K, per_cluster: int = 6, corrupt_id: str | No
         [{"epoch": e, "loss": 2.0 / (e + 1), "sqdist": 0.5 - 0.01 * e, "nmi": 0.1 * e,
           "acc": 0.1 * e} for e in range(5)]))
     (run / "outliers.json").write_text(json.dumps({"thresholds": [0.9] * k}))
+    write_model(run, cfg)
+
+
+def write_model(run: Path, cfg: Config) -> None:
+    """An untrained (seeded) model and random centroids, as a finished run saves them."""
+    import torch
+
+    torch.manual_seed(0)
+    (run / "model").mkdir(exist_ok=True)
+    (run / "model" / "model.safetensors").write_bytes(save_bytes(build_model(cfg)))
+    (run / "model" / "model.json").write_bytes(arch_json(**model_arch(cfg)))
+    centroids = np.random.default_rng(0).normal(size=(cfg.cluster.k, cfg.model.feature_dim))
+    np.save(run / "centroids.npy", centroids.astype(np.float32))
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +130,53 @@ def test_report_in_headless_chromium(report):
         page.fill("#search", "class3")  # by label: clusters whose top label is class3
         assert page.locator("section.cluster:visible").count() == len(range(3, K, 7))
         assert "page 1 of 1" in page.inner_text("#pageinfo")
+        check_map(page)
         browser.close()
     assert errors == []
+
+
+N_POINTS = sum(6 + c % 3 for c in range(K)) - 1  # every montage image but the corrupt one
+
+POINT_ON_TOP = """() => { const pts = [...document.querySelectorAll('#map circle.pt')];
+  for (const p of pts) { const r = p.getBoundingClientRect();
+    const x = r.left + r.width / 2, y = r.top + r.height / 2;
+    if (document.elementFromPoint(x, y) === p) return [+p.dataset.i, x, y]; }
+  return null; }"""
+
+
+def check_map(page) -> None:
+    """The embedding map: points, hover/click thumbnail + id, legend jump, label colours."""
+    page.locator("#embedding").scroll_into_view_if_needed()
+    assert page.locator("#map circle.pt").count() == N_POINTS
+    data = json.loads(page.text_content("#map-data") or "")
+    i, x, y = page.evaluate(POINT_ON_TOP)  # a point not covered by another one
+    page.mouse.move(x, y)
+    assert page.locator("#map-thumb").is_visible()
+    assert page.eval_on_selector("#map-thumb", "t => t.style.backgroundImage").startswith(
+        'url("data:image/jpeg;base64,')
+    assert data["ids"][i] in page.inner_text("#map-cap")
+    page.mouse.click(x, y)  # pin it, then leave: the pinned point stays shown
+    page.mouse.move(1, 1)
+    assert data["ids"][i] in page.inner_text("#map-cap")
+    MAP_SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.locator("#embedding").screenshot(path=str(MAP_SCREENSHOT))
+    fills = page.eval_on_selector_all("#map circle.pt", "ps => ps.map(p => p.getAttribute('fill'))")
+    assert not page.locator("#map-label-legend").is_visible()
+    page.check("#map-by-label")
+    by_label = page.eval_on_selector_all("#map circle.pt",
+                                         "ps => ps.map(p => p.getAttribute('fill'))")
+    assert by_label == data["lcolor"] and by_label != fills
+    assert page.locator("#map-label-legend").is_visible()
+    assert not page.locator("#map-legend").is_visible()
+    page.uncheck("#map-by-label")
+    assert page.eval_on_selector_all("#map circle.pt",
+                                     "ps => ps.map(p => p.getAttribute('fill'))") == fills
+    assert page.locator("#map-legend a[data-c]").count() == K
+    page.click("#map-legend a[data-c='3']")  # cluster 3 is on page 3 of the sections
+    section = page.locator("#cluster-3")
+    assert section.is_visible() and page.input_value("#search") == "3"
+    top = section.evaluate("s => s.getBoundingClientRect().top")
+    assert 0 <= top < page.viewport_size["height"]
 
 
 def test_report_is_self_contained_and_complete(report):
@@ -139,6 +203,63 @@ def test_confusion_counts():
     c = confusion(clusters, labels, np.bincount(clusters, minlength=3))
     assert c.clusters == [1, 0, 2] and c.labels == ["a", "b"]
     assert c.counts.tolist() == [[2, 0], [1, 1], [0, 1]]
+
+
+def view(c: int, n_near: int, n_rand: int) -> ClusterView:
+    v = ClusterView(c, n_near + n_rand, sampled=True)
+    v.nearest_ids = [f"n{c}-{j}" for j in range(n_near)]
+    v.random_ids = [f"r{c}-{j}" for j in range(n_rand)]
+    v.nearest, v.random = [b"x"] * n_near, [b"x"] * n_rand
+    return v
+
+
+def test_map_sample_is_bounded_and_stratified():
+    assert plan_points([16] * 1000, 3000) == [3] * 1000
+    assert sum(plan_points([16] * 2000, 3000)) == 3000  # cap 2: the 500 smallest get none
+    assert plan_points([5, 0, 1, 300], 10) == [3, 0, 1, 3]  # cap max(2, 10 // 3)
+    views = [view(c, 8, 8) for c in range(40)]
+    for points in (2, 50, 80, 100, 10_000):
+        chosen = select(views, points)
+        assert len(chosen) <= points
+        if points >= 2 * len(views):
+            assert {p.cluster for p in chosen} == set(range(40))
+    chosen = select([view(0, 2, 3)], 4)  # random members first, in their montage row
+    assert [(p.image_id, p.tile) for p in chosen] == [
+        ("r0-0", (1, 0)), ("r0-1", (1, 1)), ("r0-2", (1, 2)), ("n0-0", (0, 0))]
+    assert select([view(0, 0, 2)], 4)[0].tile == (0, 0)  # no nearest row: random is row 0
+
+
+def test_map_projection_is_deterministic():
+    feats = np.random.default_rng(1).normal(size=(80, 16)).astype(np.float32)
+    a, method = project(feats, seed=3)
+    b, _ = project(feats, seed=3)
+    assert method == "t-SNE" and a.shape == (80, 2) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    assert a.min() >= 0 and a.max() <= 1
+    assert project(feats[:4], seed=3)[1] == "PCA"
+
+
+def test_map_escapes_hostile_ids_and_labels():
+    emap = EmbeddingMap(xy=np.array([[0.1, 0.2], [0.8, 0.9]], np.float32), clusters=[0, 1],
+                        ids=HOSTILE, labels=HOSTILE[::-1], tiles=[(0, 0), (0, 1)],
+                        method="PCA", embed_s=0.0, project_s=0.0)
+    text = map_section(emap, "note <b>", 64, 50)
+    assert "<script>alert" not in text and "<img src=x" not in text and "<b>" not in text
+    assert text.count("</script>") == 1  # only the JSON block's own end tag
+    block = re.search(r"<script type=application/json id=map-data>(.*?)</script>", text, re.S)
+    assert block is not None
+    data = json.loads(block.group(1))
+    assert data["ids"] == HOSTILE and data["labels"] == HOSTILE[::-1]
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text  # the label legend, escaped
+
+
+def test_map_without_model_is_a_note(tmp_path):
+    write_run(tmp_path, k=3)
+    for name in ("model.json", "model.safetensors"):
+        (tmp_path / "run" / "model" / name).unlink()
+    write_report(str(tmp_path / "run"))
+    text = (tmp_path / "run" / "report.html").read_text()
+    assert "id=map-none" in text and "<svg id=map " not in text
 
 
 def test_jobs_report_cli_regenerates(tmp_path):
