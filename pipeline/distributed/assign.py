@@ -24,7 +24,7 @@ import torch
 from pipeline.config import Config
 from pipeline.data.decode import DecodeSpec
 from pipeline.data.reader import DecodeImages
-from pipeline.distributed.runtime import pin_threads
+from pipeline.distributed.runtime import setup_worker
 from pipeline.kmeans.stats import assign
 from pipeline.models.arch import load_model
 
@@ -56,7 +56,7 @@ class ModelActor:
                  decode: DecodeImages | None = None):
         """``model_bytes``: safetensors bytes, or an ObjectRef to them (the driver puts the
         weights in the object store once instead of shipping them inside the UDF)."""
-        pin_threads(threads)
+        setup_worker(threads)
         if not isinstance(model_bytes, bytes):
             import ray
 

@@ -255,7 +255,7 @@ def train_epoch_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipeline.distributed.runtime import pin_threads
+    from pipeline.distributed.runtime import setup_worker
     from pipeline.distributed.train import (
         epoch_batches_kwargs,
         fault_point,
@@ -266,7 +266,7 @@ def train_epoch_loop(config: dict[str, Any]) -> None:
 
     cfg: Config = config["cfg"]
     epoch, rank = config["epoch"], ray.train.get_context().get_world_rank()
-    pin_threads(cfg.scale.threads_per_worker or cfg.scale.cpus_per_worker)
+    setup_worker(cfg.scale.threads_per_worker or cfg.scale.cpus_per_worker)
     torch.manual_seed(cfg.train.seed + epoch)
     net = ray.train.torch.prepare_model(_net(cfg, config["model_bytes"], cfg.cluster.k,
                                              cfg.train.seed + epoch))
@@ -304,7 +304,7 @@ def train_epoch_loop(config: dict[str, Any]) -> None:
         loss.backward()
         trunk_opt.step()
         head_opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         seen, step = seen + len(x), i + 1
         if rank == 0:
             fault_point(cfg, step)

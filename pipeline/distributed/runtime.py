@@ -35,6 +35,7 @@ def _quiet_env() -> dict[str, str]:
         return {}
     return {"RAY_DATA_LOGGING_CONFIG": RAY_DATA_QUIET,
             "RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL": "60",
+            VERBOSE_ENV: "0",  # tells worker processes to keep their INFO logs off the console
             "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning"}
 
 
@@ -50,17 +51,47 @@ def init_ray(num_cpus: int | None = None, address: str | None = None,
     quiet = _quiet_env()
     os.environ.update({k: v for k, v in quiet.items() if k != "PYTHONWARNINGS"})
     logging_config = None if verbose() else ray.LoggingConfig(log_level="WARNING")
+    _plain_when_not_a_terminal()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         # Workers on other nodes may not have this package at the driver's path, so only
         # the log level travels (Ray Data's own INFO lines still show there).
         ray.init(address=address, log_to_driver=True, logging_config=logging_config)
         return
+    # A private single-node cluster has no node drains to watch for, and Ray Train's
+    # PreemptionWatcher actor logs a core_worker error line at every start (its constructor
+    # arguments sit in the object store with max_restarts > 0). Clusters joined by address
+    # keep it. Inherited by the local raylet and so by every worker.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # The dashboard (on 127.0.0.1 only) also serves the State API that Ray Train polls;
     # without it every run logs "Failed to query Ray Train Controller actor state".
     ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False,
              logging_config=logging_config, runtime_env={"env_vars": quiet} if quiet else None)
+
+
+def _plain_when_not_a_terminal() -> None:
+    """Logs that are not a terminal (``ray job logs``, cron mail, CI) get plain lines: no
+    colour codes around Ray's ``(pid=...)`` prefixes, and Ray Data's logged progress block
+    instead of tqdm bars forwarded from the actors that run datasets (Ray Train's split
+    coordinator uses Ray's distributed tqdm whatever the driver's terminal is)."""
+    import sys
+
+    import ray.data
+
+    if sys.stdout.isatty():
+        return
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    ray.data.DataContext.get_current().use_ray_tqdm = False
+
+
+def setup_worker(threads: float | int) -> None:
+    """Per-process setup of a Ray worker that runs our code: thread pools pinned, and, in a
+    quiet run, the console kept to warnings (the root logger; Ray Train's worker context logs
+    every ``report`` at INFO under a logger named by its file path, outside ``ray.*``)."""
+    pin_threads(threads)
+    if os.environ.get(VERBOSE_ENV) == "0":
+        logging.getLogger().setLevel(logging.WARNING)
 
 
 def pin_threads(n: float | int) -> None:

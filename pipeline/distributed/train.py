@@ -29,7 +29,7 @@ from pipeline.config import Config
 from pipeline.data import fs as fsx
 from pipeline.data.augment import AugmentSpec
 from pipeline.distributed.centroid_server import RemoteStore, fault_once
-from pipeline.distributed.runtime import pin_threads, verbose
+from pipeline.distributed.runtime import setup_worker, verbose
 from pipeline.kmeans.sharded import centroids_of
 from pipeline.kmeans.state_io import pack_state, unpack_state
 from pipeline.methods.online import OnlineLossSpec, OnlineWorker, make_optimizer
@@ -182,7 +182,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg: Config = config["cfg"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    pin_threads(cfg.scale.threads_per_worker or cfg.scale.cpus_per_worker)
+    setup_worker(cfg.scale.threads_per_worker or cfg.scale.cpus_per_worker)
     worker = _build_worker(cfg, config["server"], rank)
     if config.get("init_model"):
         _unwrap(worker.model).load_state_dict(st_load(config["init_model"]))

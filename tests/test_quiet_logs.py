@@ -1,0 +1,53 @@
+"""The demo's console output, as `ray job logs`, cron mail or CI see it (not a terminal).
+
+Every line must be one of our own formats, or a line we chose to keep and documented in the
+README ("Progress, logs and errors"). Anything else -- Ray Train's per-report lines, core
+worker errors, "Progress bars disabled", torch warnings -- fails the test with the line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+OURS = [
+    r"\d\d:\d\d:\d\d (INFO|WARNING) .+",  # pipeline's console log format
+    r"epoch \d+/\d+  .+",  # rank 0's per-epoch and in-epoch progress lines
+    r"-{20,}",  # the summary table's rules
+    r"(output|method|images|rejects|k|cluster sizes|inertia|NMI|ACC|ARI|wall time|"
+    r"throughput) {2,}.+",  # the summary table's rows
+]
+# Kept and documented: Ray Data's progress block in non-interactive logs (at a dataset's
+# start, then every 60 s) and its one line per finished dataset.
+# And Ray Core's line that Ray Data's actor pools (MapWorker) take their transformer and
+# context by object-store reference with max_restarts > 0: Ray Data passes every pool actor
+# those refs, and the driver holds them for the dataset's lifetime.
+PID = r"(\(\w+ pid=\d+\) )?"
+KEPT = [PID + r"\d{4}-\d\d-\d\d [\d:,]+\tINFO logging_progress\.py:\d+ --( .*)?",
+        PID + r".*(Running Dataset:|execution finished in) .*",
+        # the same block as an actor (Ray Train's split coordinator) logs it
+        PID + r"(=+|Total Progress: .*|Active & requested resources: .*|"
+              r"(- )?[\w(). >,=-]+: \d+/(\d+|\?)|Tasks: \d+;.*)",
+        PID + r"\[[\d :,-]+ E \d+ \d+\] core_worker\.cc:\d+: Actor with class name: "
+              r"'MapWorker\(.*has constructor arguments in the object store.*"]
+ALLOWED = re.compile("|".join(f"(?:{p})" for p in OURS + KEPT))
+
+
+def test_demo_output_is_only_our_lines(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_DATA_DISABLE",))}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, "jobs/cluster_imagenet.py", "--output", str(tmp_path / "demo"),
+         "--set", "train.epochs=2", "--set", "train.warmup_epochs=1"],
+        cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    foreign = [ln for ln in lines if not ALLOWED.fullmatch(ln.strip())]
+    assert not foreign, "lines that are not ours:\n" + "\n".join(dict.fromkeys(foreign))
+    assert any(ln.startswith("epoch 2/2") for ln in lines)
+    assert any(ln.startswith("NMI") for ln in lines)
