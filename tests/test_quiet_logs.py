@@ -12,6 +12,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 OURS = [
@@ -37,7 +39,19 @@ KEPT = [PID + r"\d{4}-\d\d-\d\d [\d:,]+\tINFO logging_progress\.py:\d+ --( .*)?"
 ALLOWED = re.compile("|".join(f"(?:{p})" for p in OURS + KEPT))
 
 
+def other_ray_instances() -> set[str]:
+    from ray._private.services import find_gcs_addresses
+
+    return set(find_gcs_addresses())
+
+
 def test_demo_output_is_only_our_lines(tmp_path):
+    if other_ray_instances():
+        # Known bug (issue 18): with a second Ray instance on the machine, Ray Train's
+        # PlacementGroupCleaner actor resolves the State API address as "auto", fails with
+        # "Found multiple active Ray instances" and prints a traceback. .ci/run runs this
+        # test alone, before the suite starts its shared cluster.
+        pytest.skip("another Ray instance runs on this machine (issue 18); run this test alone")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_DATA_DISABLE",))}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
