@@ -5,8 +5,9 @@ check that each image decodes, good rows are written as Parquet shards with boun
 bad ones go to ``_rejects/`` with their source path and reason, and ``_SUCCESS`` is written
 last. Rows go out in a seeded random order across shards (:func:`seeded_order` over the
 ids, ``--keep-order`` keeps the source's), since folder and zip sources list in path order,
-which is class order; the same seed gives the same shards, named ``part-NNNNN.parquet`` in
-stream order. The output is staged and published whole, so a reader never sees a half-written
+which is class order; the same seed gives the same shards. Each shard is planned in the driver
+as a run of consecutive items and written by one task as ``part-NNNNN.parquet``, so the files
+hold the stream order by construction. The output is staged and published whole, so a reader never sees a half-written
 ingest:
 
 * local output: staged in a hidden sibling folder, then swapped in with renames;
@@ -26,6 +27,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from pipeline.config import IngestConfig
 from pipeline.data import fs as fsx
@@ -58,32 +60,49 @@ class IngestResult:
         return (self.rows + self.rejects) / self.seconds if self.seconds > 0 else 0.0
 
 
-class FetchAndCheck:
-    """Ray Data UDF: refs -> (id, image bytes, label) rows; bad rows go to quarantine."""
+class WriteShard:
+    """Ray Data UDF: one planned shard -> its good rows in ``part-NNNNN.parquet``.
 
-    def __init__(self, source: Source, rejects: Location, max_pixels: int):
-        self.source, self.rejects, self.max_pixels = source, rejects, max_pixels
+    A shard is a contiguous run of the chosen order, so the files hold the stream order by
+    construction, whatever order Ray runs the tasks in. Rows are fetched, checked and written
+    one row group at a time (bounded memory); bad rows go to quarantine.
+    """
 
-    def __call__(self, batch: dict[str, Any]) -> pa.Table:
-        ids = [str(i) for i in batch["id"]]
-        payloads = self.source.fetch(list(batch["ref"]))
-        good, bad_ids, bad_src, bad_reason = [], [], [], []
-        for row, (image_id, payload) in enumerate(zip(ids, payloads, strict=True)):
+    def __init__(self, source: Source, staging: Location, schema: pa.Schema, cfg: IngestConfig):
+        self.source, self.staging, self.schema = source, staging, schema
+        self.rejects, self.max_pixels = staging.join(REJECTS), cfg.max_pixels
+        self.group = cfg.row_group_size
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        (plan,) = batch.to_pylist()
+        labels = plan.get("labels") or [None] * len(plan["ids"])
+        rows = list(zip(plan["ids"], plan["refs"], labels, strict=True))
+        path = self.staging.join(f"part-{plan['shard']:05d}.parquet").path
+        kept = 0
+        with pq.ParquetWriter(self.staging.fs.open_output_stream(path), self.schema) as writer:
+            for start in range(0, len(rows), self.group):
+                table = self._checked(rows[start:start + self.group])
+                writer.write_table(table, row_group_size=self.group)
+                kept += table.num_rows
+        if kept == 0:
+            self.staging.fs.delete_file(path)
+        return pa.table({"shard": [plan["shard"]], "rows": [kept]})
+
+    def _checked(self, rows: list[tuple[str, Any, Any]]) -> pa.Table:
+        payloads = self.source.fetch([ref for _, ref, _ in rows])
+        good: list[tuple[str, bytes | str, Any]] = []
+        bad: list[tuple[str, str, str]] = []  # (id, source, reason)
+        for (image_id, ref, label), payload in zip(rows, payloads, strict=True):
             reason = payload if isinstance(payload, str) else self._check(payload)
             if reason is None:
-                good.append(row)
+                good.append((image_id, payload, label))
             else:
-                bad_ids.append(image_id)
-                bad_src.append(f"{self.source.uri}::{batch['ref'][row]}")
-                bad_reason.append(reason)
-        write_rejects(self.rejects, bad_ids, bad_src, bad_reason)
-        columns: dict[str, Any] = {
-            "id": pa.array([ids[r] for r in good], pa.string()),
-            "image": pa.array([payloads[r] for r in good], pa.binary()),
-        }
-        if "label" in batch:
-            columns["label"] = pa.array([batch["label"][r] for r in good])
-        return pa.table(columns)
+                bad.append((image_id, f"{self.source.uri}::{ref}", reason))
+        if bad:
+            write_rejects(self.rejects, *(list(column) for column in zip(*bad, strict=True)))
+        ids, images, labels = (list(c) for c in zip(*good, strict=True)) if good else ([], [], [])
+        columns = {"id": ids, "image": images, "label": labels}
+        return pa.table({name: columns[name] for name in self.schema.names}, schema=self.schema)
 
     def _check(self, data: bytes) -> str | None:
         try:
@@ -142,39 +161,27 @@ def _check_output(output: Location, overwrite: bool) -> dict[str, Any] | None:
 
 def _write_shards(source: Source, items: list[dict[str, Any]], staging: Location,
                   cfg: IngestConfig) -> None:
+    """Plan shards of ``rows_per_file`` consecutive items and write them in parallel."""
     import ray.data
 
-    batch = 256
-    blocks = max(1, min(200, len(items) // batch))
-    context = ray.data.DataContext.get_current()
-    keep, context.execution_options.preserve_order = \
-        context.execution_options.preserve_order, True  # the same seed -> the same shards
-    try:
-        ds: Any = ray.data.from_items(items, override_num_blocks=blocks)
-        ds = ds.map_batches(FetchAndCheck(source, staging.join(REJECTS), cfg.max_pixels),
-                            batch_size=batch, batch_format="numpy", num_cpus=1)
-        ds.write_parquet(staging.path, filesystem=staging.fs,
-                         min_rows_per_file=cfg.row_group_size,
-                         max_rows_per_file=cfg.rows_per_file, row_group_size=cfg.row_group_size)
-    finally:
-        context.execution_options.preserve_order = keep
-    _name_in_order(staging, {it["id"]: i for i, it in enumerate(items)})
+    fields = [pa.field("id", pa.string()), pa.field("image", pa.binary())]
+    labelled = bool(items) and "label" in items[0]
+    if labelled:
+        fields.append(pa.field("label", pa.array([items[0]["label"]]).type))
+    plans = [_plan(n, items[start:start + cfg.rows_per_file], labelled)
+             for n, start in enumerate(range(0, len(items), cfg.rows_per_file))]
+    fsx.make_dirs(staging)
+    writer = WriteShard(source, staging, pa.schema(fields), cfg)
+    ray.data.from_items(plans, override_num_blocks=len(plans)).map_batches(
+        writer, batch_size=1, batch_format="pyarrow", num_cpus=1).take_all()
 
 
-def _name_in_order(staging: Location, position: dict[str, int]) -> None:
-    """Rename Ray's uuid-named shards to ``part-NNNNN.parquet`` by where their first row
-    stands in the written order, so re-runs give the same names."""
-    import pyarrow.parquet as pq
-
-    first = {}
-    for f in (info.path for info in fsx.list_files(staging, (".parquet",))):
-        shard = pq.ParquetFile(f, filesystem=staging.fs)
-        if shard.metadata.num_rows == 0:
-            staging.fs.delete_file(f)
-            continue
-        first[f] = position[shard.read_row_group(0, columns=["id"]).column("id")[0].as_py()]
-    for n, path in enumerate(sorted(first, key=first.__getitem__)):
-        staging.fs.move(path, staging.join(f"part-{n:05d}.parquet").path)
+def _plan(shard: int, chunk: list[dict[str, Any]], labelled: bool) -> dict[str, Any]:
+    """One shard's work: its number and its items' ids, refs and labels, as columns."""
+    plan = {"shard": shard, "ids": [it["id"] for it in chunk], "refs": [it["ref"] for it in chunk]}
+    if labelled:
+        plan["labels"] = [it["label"] for it in chunk]
+    return plan
 
 
 def _manifest(staging: Location, cfg: IngestConfig, seconds: float) -> dict[str, Any]:
