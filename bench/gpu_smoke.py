@@ -65,11 +65,15 @@ def main(argv: list[str]) -> int:
     results = {
         "train_small_cnn_32px_b512": train_rate("small_cnn", 32, 3, 512),
         "train_resnet18_224px_b128": train_rate("resnet18", 224, 3, 128, steps=10),
-        "assign_resnet50_224px_b256_fp32": assign_rate("resnet50", 224, 256, steps=10),
+        # AssignActor runs under fp16 autocast on CUDA (the train steps above are fp32)
+        "assign_resnet50_224px_b256_fp16": assign_rate("resnet50", 224, 256, steps=10),
     }
     results = {k: round(v, 1) for k, v in results.items()}
+    # No target exists for these rates, so no verdict: meets is None, not True.
     headline = {"name": "gpu_online_train_resnet18_images_per_s",
-                "value": results["train_resnet18_224px_b128"], "target": None, "meets": True}
-    write_result("gpu_smoke", headline, {"images_per_s": results})
+                "value": results["train_resnet18_224px_b128"], "target": None, "meets": None}
+    write_result("gpu_smoke", headline, {"images_per_s": results,
+                                         "precision": {"train": "fp32, no autocast",
+                                                       "assign": "fp16 autocast"}})
     print("gpu_smoke:", results)
     return 0

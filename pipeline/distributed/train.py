@@ -187,6 +187,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if config.get("init_model"):
         _unwrap(worker.model).load_state_dict(st_load(config["init_model"]))
     start_epoch, skip = _restore(worker, rank)
+    resumed_from = worker.step if ray.train.get_checkpoint() is not None else None
     _barrier()
     worker.refresh()
     worker.base_round = worker.version - worker.step // worker.sync_every
@@ -209,7 +210,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         parts = worker.run_epoch(batches, train_cnn=epoch >= cfg.train.warmup_epochs,
                                  skip=skip, on_step=on_step)
         skip = 0
-        worker.history.append({"epoch": epoch, **parts})
+        row: dict[str, float] = {"epoch": epoch, **parts}
+        if resumed_from is not None:  # the first epoch after a resume records its start step
+            row["resumed_from_step"], resumed_from = resumed_from, None
+        worker.history.append(row)
         progress.end_epoch(epoch, parts)
         report({"epoch": epoch, "step": worker.step, **parts}, epoch + 1, 0)
         if out_of_time(cfg.train.time_budget_s, started):
