@@ -14,12 +14,18 @@ config is written next to every run's outputs (``config.yaml``) by :func:`dump_y
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
 import yaml
+
+from pipeline import methods
+from pipeline.errors import ConfigError
+
+__all__ = ["Config", "ConfigError", "IngestConfig", "resolve"]
 
 Method = Literal["online", "deepcluster", "depict", "imc", "multiview"]
 Backbone = Literal["small_cnn", "resnet18", "resnet50"]
@@ -30,8 +36,8 @@ FeatureDtype = Literal["float32", "float16"]
 ShuffleMode = Literal["auto", "global", "stream"]
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid. The message names the dotted field."""
+# Settings that were removed, and why: still accepted (with a warning) in saved configs.
+REMOVED = {"online.passes": "never read by the online method"}
 
 
 @dataclass
@@ -143,25 +149,26 @@ class OnlineConfig:
     consistency_weight: float = 1.0  # two augmented views must agree (0 = off)
     entropy_weight: float = 1.0  # log k - H(mean soft assignment): guards against collapse
     balance: bool = True  # weight samples by inverse cluster size (collapse guard)
-    augment: bool = True
-    # Passes over the data on each clustering's pseudo-labels before re-clustering. The
-    # paper's 1 suits ImageNet (5,000 steps a pass); small sets need several to learn.
-    passes: int = 1  # random crops/affine for the second view
+    augment: bool = True  # random crops/affine for the second view
 
 
 @dataclass
 class DeepClusterConfig:
     """The ``deepcluster`` method (Caron et al. 2018, DESIGN §5.2)."""
 
-    pca_dim: int = 256  # PCA-whitening size (the paper's 256); capped at model.feature_dim
+    # PCA-whitening size, capped at model.feature_dim. 16 measures best here: on 3,000 MNIST
+    # digits (90-s budgets) NMI 0.28 at 32 -> 0.41 at 16; the paper's ImageNet 256 is in
+    # configs/deepcluster-paper.yaml.
+    pca_dim: int = 16
     kmeans_iters: int = 20  # Lloyd iterations per epoch (faiss default 20; the paper's 20)
     sobel: bool = False  # fixed greyscale + Sobel input filters (the paper uses them)
     # Random affine + jitter views when training on pseudo-labels (the paper trains on
     # random crops and flips); without them the CNN just memorises the current partition.
     augment: bool = True
     # Passes over the data on each clustering's pseudo-labels before re-clustering. The
-    # paper's 1 suits ImageNet (5,000 steps a pass); small sets need several to learn.
-    passes: int = 1
+    # paper's 1 suits ImageNet (5,000 steps a pass); small sets need several to learn:
+    # 3 passes with pca_dim 16 give MNIST NMI 0.64 against 0.53-0.60 for 1 pass at 256.
+    passes: int = 3
     # k-means runs with faiss on the driver up to this many images; above it, Lloyd's
     # partial sums are reduced across kmeans_shards Ray actors holding the features.
     local_max_points: int = 2_000_000
@@ -219,7 +226,7 @@ class DebugConfig:
 class Config:
     """Everything a clustering run needs. Saved as ``config.yaml`` with each run."""
 
-    method: Method = "online"  # see DESIGN §5
+    method: Method = "online"  # see DESIGN §5 and pipeline/methods/__init__.py
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -295,6 +302,10 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a mapping; got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    for gone in [key for key in data if f"{prefix}{key}" in REMOVED]:
+        logging.getLogger(__name__).warning("%s%s is no longer a setting (%s); ignored",
+                                            prefix, gone, REMOVED[f"{prefix}{gone}"])
+        data = {k: v for k, v in data.items() if k != gone}
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise ConfigError(
@@ -422,6 +433,7 @@ def validate(cfg: Any) -> None:
 
 
 def _validate_run(cfg: Config) -> None:
+    methods.get(cfg.method)  # an unknown or unbuilt method is refused with the choices
     if cfg.data.channels not in (1, 3):
         raise ConfigError(f"data.channels: must be 1 or 3; got {cfg.data.channels}")
     for name in ("mean", "std"):

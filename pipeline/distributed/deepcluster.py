@@ -36,7 +36,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ from pipeline.data import fs as fsx
 from pipeline.data.augment import AugmentSpec, augment
 from pipeline.data.fs import Location
 from pipeline.data.reader import InputError, ShuffleSpec, decode_spec, find_shards, read_images
+from pipeline.methods.arch import build_model, model_arch
 from pipeline.methods.deepcluster import (
     LocalShard,
     MomentStats,
@@ -55,11 +56,8 @@ from pipeline.methods.deepcluster import (
     new_head,
     pseudo_label_loss,
 )
-from pipeline.models.arch import build_model, model_arch
 from pipeline.models.weights import save_bytes
-
-if TYPE_CHECKING:
-    from pipeline.run import RunPaths, TrainedModel
+from pipeline.outputs import RunPaths, TrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +398,6 @@ def _trunk_bytes(cfg: Config, net_bytes: bytes) -> bytes:
 def train_deepcluster(cfg: Config, input_uri: str, paths: RunPaths) -> TrainedModel:
     """All epochs (resuming finished ones), then the final clustering and whitened model."""
     from pipeline.distributed.job import initial_model
-    from pipeline.run import TrainedModel
 
     shards = find_shards(input_uri, cfg.s3)
     shuffle = ShuffleSpec.of(cfg, shards)
@@ -434,15 +431,16 @@ def train_deepcluster(cfg: Config, input_uri: str, paths: RunPaths) -> TrainedMo
         _save_epoch(files, model_bytes, optimizer, row)
         history.append(row)
         _say_epoch(cfg, row)
-    return final_model(cfg, images, model_bytes, n, history, TrainedModel)
+    return final_model(cfg, images, model_bytes, n, history)
 
 
 def final_model(cfg: Config, images: Any, model_bytes: bytes, n: int,
-                history: list[dict[str, Any]], trained_cls: Any) -> TrainedModel:
+                history: list[dict[str, Any]]) -> TrainedModel:
     """Cluster the final features; fold the whitening into the model that is saved."""
     from safetensors.torch import load as st_load
 
-    from pipeline.methods.deepcluster import WhitenedEmbedder
+    from pipeline.methods.deepcluster import whitened_arch
+    from pipeline.models.layers import WhitenedEmbedder
 
     arrays = cluster_features(feature_pass(images, model_bytes, cfg, n), cfg,
                               cfg.train.seed + cfg.train.epochs)
@@ -451,9 +449,8 @@ def final_model(cfg: Config, images: Any, model_bytes: bytes, n: int,
     embedder.load_state_dict(st_load(model_bytes))
     model = WhitenedEmbedder(embedder, cfg.model.feature_dim, whitening.dim)
     whitening.load_into(model.whiten)
-    arch = {**model_arch(cfg), "whiten_from": cfg.model.feature_dim,
-            "feature_dim": whitening.dim}
-    return trained_cls(save_bytes(model), arch, arrays["centroids"], history)
+    arch = whitened_arch(model_arch(cfg), whitening.dim)
+    return TrainedModel(save_bytes(model), arch, arrays["centroids"], history)
 
 
 def _save_epoch(files: EpochFiles, model_bytes: bytes, optimizer: dict[str, Any],

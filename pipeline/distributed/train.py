@@ -32,8 +32,8 @@ from pipeline.distributed.centroid_server import RemoteStore, fault_once
 from pipeline.distributed.runtime import setup_worker, verbose
 from pipeline.kmeans.sharded import centroids_of
 from pipeline.kmeans.state_io import pack_state, unpack_state
+from pipeline.methods.arch import build_model
 from pipeline.methods.online import OnlineLossSpec, OnlineWorker, make_optimizer
-from pipeline.models.arch import build_model
 from pipeline.models.weights import save_bytes
 
 log = logging.getLogger(__name__)
