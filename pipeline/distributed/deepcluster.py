@@ -370,7 +370,7 @@ def train_one_epoch(cfg: Config, images: Any, arrays: dict[str, np.ndarray],
     materialised images) -> (model bytes, trunk optimiser, metrics)."""
     import ray
 
-    from pipeline.distributed.train import run_trainer
+    from pipeline.distributed.train import trainer_result
 
     attach = AttachLabels(ray.put(arrays["ids"]), ray.put(arrays["labels"]))
     # The epoch's own seed: each epoch is a new dataset (and Ray Train run), whose execution
@@ -379,10 +379,9 @@ def train_one_epoch(cfg: Config, images: Any, arrays: dict[str, np.ndarray],
     data = order.apply(images).map_batches(attach, batch_format="numpy")
     config = {"cfg": cfg, "epoch": epoch, "model_bytes": model_bytes, "optimizer": optimizer,
               "weights": class_weights(arrays["labels"], cfg.cluster.k)}
-    state = run_trainer(cfg, train_epoch_loop, config, data, files.checkpoints,
-                        f"epoch-{epoch:03d}")
-    net_bytes, optims, meta = state
-    return _trunk_bytes(cfg, net_bytes), optims[0], meta["metrics"]
+    state = trainer_result(cfg, train_epoch_loop, config, data, files.checkpoints,
+                           f"epoch-{epoch:03d}")
+    return _trunk_bytes(cfg, state.model_bytes), state.optimizers[0], state.meta["metrics"]
 
 
 def _trunk_bytes(cfg: Config, net_bytes: bytes) -> bytes:
