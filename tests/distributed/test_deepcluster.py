@@ -38,8 +38,8 @@ def test_feature_memory_guard_names_the_sizes_and_the_fix():
         check_feature_memory(10_000_000, 512, cfg, available=8 * 2**30)
 
 
-DC = ["method=deepcluster", "cluster.k=10", "deepcluster.pca_dim=8", "model.feature_dim=16",
-      "train.lr=0.003"]
+DC = ["method=deepcluster", "cluster.k=10", "deepcluster.pca_dim=8", "deepcluster.passes=1",
+      "model.feature_dim=16", "train.lr=0.003"]
 
 
 def mtime(*parts: str) -> float:
