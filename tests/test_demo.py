@@ -1,8 +1,15 @@
-"""The demo's console output, as `ray job logs`, cron mail or CI see it (not a terminal).
+"""The zero-setup demo as a user runs it: ``python jobs/cluster_imagenet.py``, defaults.
 
-Every line must be one of our own formats, or a line we chose to keep and documented in the
-README ("Progress, logs and errors"). Anything else -- Ray Train's per-report lines, core
-worker errors, "Progress bars disabled", torch warnings -- fails the test with the line.
+* Its console output, as ``ray job logs``, cron mail or CI see it (not a terminal): every
+  line must be one of our own formats, or a line we chose to keep and documented in the
+  README ("Progress, logs and errors"). Anything else -- Ray Train's per-report lines, core
+  worker errors, "Progress bars disabled", torch warnings -- fails the test with the line.
+* Its report in headless Chromium: the embedding map of the demo's clusters renders and a
+  hover shows a digit; the map's screenshot (``artifacts/demo-report-map.png``) is the one
+  the README shows as ``docs/report-map.png``.
+
+The demo runs once (a subprocess, its own Ray instance), so this module needs a machine with
+no other Ray instance (issue 18): ``.ci/run`` runs it alone, before the suite.
 """
 
 from __future__ import annotations
@@ -45,23 +52,53 @@ def other_ray_instances() -> set[str]:
     return set(find_gcs_addresses())
 
 
-def test_demo_output_is_only_our_lines(tmp_path):
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo with its defaults (12 epochs on scikit-learn's digits): (output dir, lines)."""
     if other_ray_instances():
         # Known bug (issue 18): with a second Ray instance on the machine, Ray Train's
         # PlacementGroupCleaner actor resolves the State API address as "auto", fails with
         # "Found multiple active Ray instances" and prints a traceback. .ci/run runs this
-        # test alone, before the suite starts its shared cluster.
+        # module alone, before the suite starts its shared cluster.
         pytest.skip("another Ray instance runs on this machine (issue 18); run this test alone")
+    out = tmp_path_factory.mktemp("demo") / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_DATA_DISABLE",))}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [sys.executable, "jobs/cluster_imagenet.py", "--output", str(tmp_path / "demo"),
-         "--set", "train.epochs=2", "--set", "train.warmup_epochs=1"],
-        cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-        timeout=600)
+    proc = subprocess.run([sys.executable, "jobs/cluster_imagenet.py", "--output", str(out)],
+                          cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    return out, [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+
+
+def test_demo_output_is_only_our_lines(demo):
+    _, lines = demo
     foreign = [ln for ln in lines if not ALLOWED.fullmatch(ln.strip())]
     assert not foreign, "lines that are not ours:\n" + "\n".join(dict.fromkeys(foreign))
-    assert any(ln.startswith("epoch 2/2") for ln in lines)
+    assert any(ln.startswith("epoch 12/12") for ln in lines)
     assert any(ln.startswith("NMI") for ln in lines)
+
+
+def test_demo_report_map_in_chromium(demo):
+    """The demo's map: every digit a point, coloured by cluster; hovering shows the digit."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.report.test_report import POINT_ON_TOP, chromium
+
+    out, _ = demo
+    shot = REPO / "artifacts" / "demo-report-map.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto((out / "report.html").as_uri())
+        page.locator("#embedding").scroll_into_view_if_needed()
+        assert page.locator("#map circle.pt").count() == 1797  # all of the digits (< 3000)
+        fills = set(page.eval_on_selector_all("#map circle.pt",
+                                              "ps => ps.map(p => p.getAttribute('fill'))"))
+        assert len(fills) == 10  # one colour per cluster
+        _, x, y = page.evaluate(POINT_ON_TOP)
+        page.mouse.move(x, y)
+        assert page.locator("#map-thumb").is_visible()
+        shot.parent.mkdir(exist_ok=True)
+        page.locator("#embedding").screenshot(path=str(shot))
+        browser.close()
