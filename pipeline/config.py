@@ -101,8 +101,8 @@ class ClusterConfig:
     # Initial centroids: k-means++ over the features of a uniform sample of init_pool images
     # per cluster (at most init_pool_max, decoded on the driver); "random" = k of them as drawn.
     init: Literal["kmeans++", "random"] = "kmeans++"
-    init_pool: int = 10
-    init_pool_max: int = 20_000
+    init_pool: int = 10  # 10 candidates a cluster: k-means++ then rarely misses a small one
+    init_pool_max: int = 20_000  # caps the driver: 20k images at 224 px RGB are ~3 GB uint8
     sync_every: int = 1  # steps between pushes of aggregated statistics to the server
     max_staleness: int = 1  # rounds a worker may run ahead of the applied centroids (0 = sync)
     # Hsu & Lin 2017. Off by default: on MNIST the measured batch drift includes the loss's
@@ -248,11 +248,11 @@ class IngestConfig:
     output: str = "data/digits"  # Parquet shards dir or s3:// prefix
     labels_from_folders: bool = False  # label = name of the image's parent folder
     overwrite: bool = False  # replace a complete output
-    rows_per_file: int = 10_000  # shard size
+    rows_per_file: int = 10_000  # shard size: 30 MB of CIFAR, ~1 GB of ImageNet JPEGs
     # Rows go out in a seeded random order across shards (folder and zip sources list in path
     # order, i.e. sorted by class); the same seed gives the same shards. keep_order = source order.
     keep_order: bool = False
-    seed: int = 0
+    seed: int = 0  # any fixed value: re-ingesting gives the same shards
     row_group_size: int = 1_000  # bounded row groups so readers stream
     max_pixels: int = 64_000_000  # larger images are rejected as absurd
     s3: S3Config = field(default_factory=S3Config)
