@@ -4,12 +4,12 @@
   line must be one of our own formats, or a line we chose to keep and documented in the
   README ("Progress, logs and errors"). Anything else -- Ray Train's per-report lines, core
   worker errors, "Progress bars disabled", torch warnings -- fails the test with the line.
-* Its report in headless Chromium: the embedding map of the demo's clusters renders and a
-  hover shows a digit; the map's screenshot (``artifacts/demo-report-map.png``) is the one
+* Its report in headless Chromium: the embedding map of the demo's clusters renders (its
+  montage digits, 16 a cluster) and a hover shows a digit; the map's screenshot (``artifacts/demo-report-map.png``) is the one
   the README shows as ``docs/report-map.png``.
 
-The demo runs once (a subprocess, its own Ray instance), so this module needs a machine with
-no other Ray instance (issue 18): ``.ci/run`` runs it alone, before the suite.
+The demo runs once, in a subprocess that starts its own local Ray cluster beside the suite's
+shared one: two Ray instances on one machine, which must not disturb each other's output.
 """
 
 from __future__ import annotations
@@ -53,17 +53,13 @@ def other_ray_instances() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(ray_cluster, tmp_path_factory):
     """The demo with its defaults (12 epochs on scikit-learn's digits): (output dir, lines)."""
-    if other_ray_instances():
-        # Known bug (issue 18): with a second Ray instance on the machine, Ray Train's
-        # PlacementGroupCleaner actor resolves the State API address as "auto", fails with
-        # "Found multiple active Ray instances" and prints a traceback. .ci/run runs this
-        # module alone, before the suite starts its shared cluster.
-        pytest.skip("another Ray instance runs on this machine (issue 18); run this test alone")
     out = tmp_path_factory.mktemp("demo") / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_DATA_DISABLE",))}
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_API_SERVER_ADDRESS", None)
+    assert other_ray_instances()  # the suite's cluster: the demo's is the second instance
     proc = subprocess.run([sys.executable, "jobs/cluster_imagenet.py", "--output", str(out)],
                           cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True,
                           text=True, timeout=900)
@@ -80,7 +76,8 @@ def test_demo_output_is_only_our_lines(demo):
 
 
 def test_demo_report_map_in_chromium(demo):
-    """The demo's map: every digit a point, coloured by cluster; hovering shows the digit."""
+    """The demo's map: each montage digit a point (report.nearest + report.random = 16 per
+    cluster, 10 clusters), coloured by cluster; hovering shows the digit."""
     from playwright.sync_api import sync_playwright
 
     from tests.report.test_report import POINT_ON_TOP, chromium
@@ -92,7 +89,7 @@ def test_demo_report_map_in_chromium(demo):
         page = browser.new_page(viewport={"width": 1200, "height": 900})
         page.goto((out / "report.html").as_uri())
         page.locator("#embedding").scroll_into_view_if_needed()
-        assert page.locator("#map circle.pt").count() == 1797  # all of the digits (< 3000)
+        assert page.locator("#map circle.pt").count() == 10 * 16
         fills = set(page.eval_on_selector_all("#map circle.pt",
                                               "ps => ps.map(p => p.getAttribute('fill'))"))
         assert len(fills) == 10  # one colour per cluster

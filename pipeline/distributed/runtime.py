@@ -65,9 +65,28 @@ def init_ray(num_cpus: int | None = None, address: str | None = None,
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # The dashboard (on 127.0.0.1 only) also serves the State API that Ray Train polls;
     # without it every run logs "Failed to query Ray Train Controller actor state".
+    port = _pin_state_api() if dashboard else None
     ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False,
-             logging_config=logging_config, runtime_env={"env_vars": quiet} if quiet else None)
+             dashboard_port=port, _node_ip_address="127.0.0.1", log_to_driver=True,
+             configure_logging=False, logging_config=logging_config,
+             runtime_env={"env_vars": quiet} if quiet else None)
+
+
+def _pin_state_api() -> int:
+    """A free port for this cluster's dashboard, exported as ``RAY_API_SERVER_ADDRESS``
+    before the raylet starts, so every process of the cluster inherits it.
+
+    Ray Train's PlacementGroupCleaner queries the State API with the address "auto", which
+    fails with "Found multiple active Ray instances" whenever another Ray instance runs on
+    the machine (another job, a test cluster); with the address pinned it asks this one.
+    """
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    return port
 
 
 def _plain_when_not_a_terminal() -> None:
