@@ -46,6 +46,11 @@ KEPT = [PID + r"\d{4}-\d\d-\d\d [\d:,]+\tINFO logging_progress\.py:\d+ --( .*)?"
 ALLOWED = re.compile("|".join(f"(?:{p})" for p in OURS + KEPT))
 
 
+SUITE_RAY_ENV = {"RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE",
+                 "RAY_USAGE_STATS_ENABLED", "RAY_DATA_DISABLE_PROGRESS_BARS",
+                 "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "RAY_TMPDIR"}
+
+
 def other_ray_instances() -> set[str]:
     from ray._private.services import find_gcs_addresses
 
@@ -56,9 +61,8 @@ def other_ray_instances() -> set[str]:
 def demo(ray_cluster, tmp_path_factory):
     """The demo with its defaults (12 epochs on scikit-learn's digits): (output dir, lines)."""
     out = tmp_path_factory.mktemp("demo") / "run"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_DATA_DISABLE",))}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("RAY_API_SERVER_ADDRESS", None)
+    # A user's environment: none of the Ray variables that tests/conftest.py sets.
+    env = {k: v for k, v in os.environ.items() if k not in SUITE_RAY_ENV}
     assert other_ray_instances()  # the suite's cluster: the demo's is the second instance
     proc = subprocess.run([sys.executable, "jobs/cluster_imagenet.py", "--output", str(out)],
                           cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True,

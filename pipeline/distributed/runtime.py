@@ -63,6 +63,13 @@ def init_ray(num_cpus: int | None = None, address: str | None = None,
     # arguments sit in the object store with max_restarts > 0). Clusters joined by address
     # keep it. Inherited by the local raylet and so by every worker.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Ray 2.59+ starts local clusters with token auth when RAY_AUTH_MODE is unset, and says
+    # so in a WARNING at every start. The auth stays; its notice goes to the log file.
+    # (Setting RAY_AUTH_MODE=token here instead breaks the driver's first GCS connection:
+    # Ray refreshes its cached config only on its own default path.)
+    if not verbose():
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR)
     # The dashboard (on 127.0.0.1 only) also serves the State API that Ray Train polls;
     # without it every run logs "Failed to query Ray Train Controller actor state".
     port = _pin_state_api() if dashboard else None
