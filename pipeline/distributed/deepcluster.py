@@ -95,15 +95,16 @@ def check_feature_memory(n: int, d: int, cfg: Config, available: int | None = No
 
 
 def feature_pass(images: Any, model_bytes: bytes, cfg: Config, n: int,
-                 untrained: bool = False) -> Features:
-    """Every image through the model in a Ray Data actor pool: :class:`Features`.
-    ``untrained``: BatchNorm uses batch statistics (a fresh model's running ones are not)."""
+                 untrained: bool = False, arch: dict[str, Any] | None = None) -> Features:
+    """Every image through the model (``arch``, default ``cfg``'s) in a Ray Data actor
+    pool: :class:`Features`. ``untrained``: BatchNorm uses batch statistics (a fresh model's
+    running ones are not)."""
     import ray
     import ray.data
 
     from pipeline.distributed.assign import EmbedActor
 
-    arch = model_arch(cfg)
+    arch = arch or model_arch(cfg)
     check_feature_memory(n, arch["feature_dim"], cfg)
     dtype = np.float16 if cfg.deepcluster.feature_dtype == "float16" else np.float32
     ds = images.map_batches(
@@ -199,35 +200,6 @@ def _faiss_gpu() -> bool:
 
 # ------------------------------------------------------------------------------------------
 # Training on pseudo-labels (Ray Train worker side).
-
-
-class AttachLabels:
-    """Ray Data UDF: adds ``pseudo`` (the epoch's cluster of each row's id) and drops ids.
-
-    ``ids`` (sorted) and ``labels`` are object-store refs, fetched once per worker process
-    on first use, so the N-row arrays are not serialised into every task.
-    """
-
-    _cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-
-    def __init__(self, ids: Any, labels: Any):
-        self.refs = (ids, labels)
-
-    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        import ray
-
-        key = str(self.refs[0])
-        if key not in self._cache:
-            self._cache.clear()
-            self._cache[key] = (ray.get(self.refs[0]), ray.get(self.refs[1]))
-        return self._cache[key]
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        ids, labels = self._arrays()
-        pos = np.searchsorted(ids, np.asarray(batch["id"]).astype(str))
-        out = {k: v for k, v in batch.items() if k != "id"}
-        out["pseudo"] = labels[pos]
-        return out
 
 
 def lr_at(cfg: Config, epoch: int) -> float:
@@ -368,11 +340,11 @@ def train_one_epoch(cfg: Config, images: Any, arrays: dict[str, np.ndarray],
                     ) -> tuple[bytes, dict[str, Any], dict[str, float]]:
     """One Ray Train run over (pixels, pseudo) in a fresh random order (``shuffle``, on the
     materialised images) -> (model bytes, trunk optimiser, metrics)."""
-    import ray
-
+    from pipeline.distributed.runner import join_udf
     from pipeline.distributed.train import trainer_result
+    from pipeline.methods.base import PerId
 
-    attach = AttachLabels(ray.put(arrays["ids"]), ray.put(arrays["labels"]))
+    attach = join_udf({"pseudo": PerId(arrays["ids"], {"pseudo": arrays["labels"]})})
     # The epoch's own seed: each epoch is a new dataset (and Ray Train run), whose execution
     # index restarts; passes within the epoch still get new orders from it.
     order = dataclasses.replace(shuffle, seed=shuffle.seed + 1000 * epoch)

@@ -8,6 +8,10 @@ A method is one module in this package (its algorithm, no Ray), a config section
 :class:`MethodInfo` line in :data:`REGISTRY`. Each entry names:
 
 * ``module``: the algorithm, plain PyTorch/numpy;
+* ``stages``: ``module:function`` ``(cfg) -> generator of stages`` (:mod:`pipeline.methods.base`),
+  which the shared runners execute: :func:`pipeline.distributed.runner.train_stages` on Ray,
+  :func:`pipeline.methods.reference.run_reference` in one process. :func:`staged` writes
+  such a line. ``online`` and ``deepcluster`` still have their own ``trainer``;
 * ``trainer``: ``module:function`` with signature ``(cfg, input_uri, paths) -> TrainedModel``
   that trains it on Ray (:mod:`pipeline.distributed`); the export is a model and centroids
   such that nearest-centroid assignment is the method's own cluster rule, so the assign job,
@@ -33,6 +37,9 @@ if TYPE_CHECKING:
     from pipeline.config import Config
 
 
+STAGE_RUNNER = "pipeline.distributed.runner:train_stages"
+
+
 @dataclass(frozen=True)
 class MethodInfo:
     name: str
@@ -41,9 +48,22 @@ class MethodInfo:
     trainer: str
     reads: tuple[str, ...]
     arch: str | None = None
+    stages: str | None = None  # "module:function" (cfg) -> stage generator (methods.base)
 
     def train_fn(self) -> Callable[..., Any]:
         return load(self.trainer)
+
+    def stages_fn(self) -> Callable[..., Any]:
+        if self.stages is None:
+            raise NotImplementedError(f"method {self.name} is not on the stage runner yet")
+        return load(self.stages)
+
+
+def staged(name: str, paper: str, module: str, reads: tuple[str, ...] = (),
+           arch: str | None = None) -> MethodInfo:
+    """The registry line of a method written as stages (:mod:`pipeline.methods.base`):
+    ``module`` defines ``stages(cfg)``; the shared stage runner trains it on Ray."""
+    return MethodInfo(name, paper, module, STAGE_RUNNER, reads, arch, f"{module}:stages")
 
 
 # Settings that only some methods use: whole sections (a trailing dot) or single keys.
