@@ -14,7 +14,7 @@ The driver alternates, per epoch ``e``, with everything under ``--output/deepclu
 1. **Feature pass:** the decoded images (materialised once: every epoch reads them twice)
    stream through a Ray Data actor pool (:class:`~pipeline.distributed.assign.EmbedActor`,
    GPU when present); the driver gathers the N x d features, refusing up front when they
-   would not fit (:func:`check_feature_memory`).
+   would not fit (:func:`~pipeline.distributed.features.check_feature_memory`).
 2. **Clustering:** PCA-whitening from summed moments, then k-means: ``faiss.Kmeans`` on the
    driver, or above ``deepcluster.local_max_points`` Lloyd's partial sums reduced across
    ``deepcluster.kmeans_shards`` Ray actors (:class:`RemoteShards`, the same
@@ -35,7 +35,6 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,7 +44,8 @@ from pipeline.config import Config
 from pipeline.data import fs as fsx
 from pipeline.data.augment import AugmentSpec, augment
 from pipeline.data.fs import Location
-from pipeline.data.reader import InputError, ShuffleSpec, decode_spec, find_shards, read_images
+from pipeline.data.reader import ShuffleSpec, decode_spec, find_shards, read_images
+from pipeline.distributed.features import Features, feature_pass
 from pipeline.methods.arch import build_model, model_arch
 from pipeline.methods.deepcluster import (
     LocalShard,
@@ -60,68 +60,6 @@ from pipeline.models.weights import save_bytes
 from pipeline.outputs import RunPaths, TrainedModel
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------------
-# Features and their memory.
-
-
-@dataclass
-class Features:
-    """One feature pass: ids (n,) str, features (n, d), ground-truth labels (n,) or None."""
-
-    ids: np.ndarray
-    x: np.ndarray
-    truth: np.ndarray | None
-
-
-def check_feature_memory(n: int, d: int, cfg: Config, available: int | None = None) -> int:
-    """Bytes the driver needs for n x d features; refuses with the numbers when more than
-    ``deepcluster.max_feature_memory_fraction`` of its available memory."""
-    import psutil
-
-    itemsize = 2 if cfg.deepcluster.feature_dtype == "float16" else 4
-    need = n * d * itemsize * 2  # the raw features and their whitened copy
-    have = psutil.virtual_memory().available if available is None else available
-    limit = int(have * cfg.deepcluster.max_feature_memory_fraction)
-    if need > limit:
-        raise InputError(
-            f"deepcluster: {n:,} images x {d} features x {itemsize} B (x2 for the whitened "
-            f"copy) = {need / 2**30:.1f} GiB, over deepcluster.max_feature_memory_fraction="
-            f"{cfg.deepcluster.max_feature_memory_fraction} of the driver's available "
-            f"{have / 2**30:.1f} GiB; lower model.feature_dim, set "
-            "deepcluster.feature_dtype=float16, or run the driver on a larger node")
-    return need
-
-
-def feature_pass(images: Any, model_bytes: bytes, cfg: Config, n: int,
-                 untrained: bool = False, arch: dict[str, Any] | None = None) -> Features:
-    """Every image through the model (``arch``, default ``cfg``'s) in a Ray Data actor
-    pool: :class:`Features`. ``untrained``: BatchNorm uses batch statistics (a fresh model's
-    running ones are not)."""
-    import ray
-    import ray.data
-
-    from pipeline.distributed.assign import EmbedActor
-
-    arch = arch or model_arch(cfg)
-    check_feature_memory(n, arch["feature_dim"], cfg)
-    dtype = np.float16 if cfg.deepcluster.feature_dtype == "float16" else np.float32
-    ds = images.map_batches(
-        EmbedActor, fn_constructor_kwargs={"model_bytes": ray.put(model_bytes), "arch": arch,
-                                           "threads": cfg.scale.assign_cpus_per_actor,
-                                           "batch_stats": untrained},
-        batch_size=cfg.cluster.assign_batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.scale.assign_actors),
-        num_cpus=cfg.scale.assign_cpus_per_actor, num_gpus=1 if cfg.scale.gpu else 0)
-    ids, feats, truth = [], [], []
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-        ids.append(np.asarray(batch["id"]).astype(str))
-        feats.append(np.asarray(batch["feature"], dtype=dtype))
-        if "label" in batch:
-            truth.append(np.asarray(batch["label"]).astype(str))
-    return Features(np.concatenate(ids), np.concatenate(feats),
-                    np.concatenate(truth) if truth else None)
 
 
 # ------------------------------------------------------------------------------------------
@@ -340,7 +278,7 @@ def train_one_epoch(cfg: Config, images: Any, arrays: dict[str, np.ndarray],
                     ) -> tuple[bytes, dict[str, Any], dict[str, float]]:
     """One Ray Train run over (pixels, pseudo) in a fresh random order (``shuffle``, on the
     materialised images) -> (model bytes, trunk optimiser, metrics)."""
-    from pipeline.distributed.runner import join_udf
+    from pipeline.distributed.features import join_udf
     from pipeline.distributed.train import trainer_result
     from pipeline.methods.base import PerId
 

@@ -30,6 +30,7 @@ from pipeline import methods
 from pipeline.config import Config
 from pipeline.data import fs as fsx
 from pipeline.data.reader import decode_spec, find_shards, read_images
+from pipeline.distributed.features import feature_pass, join_udf
 from pipeline.methods.base import (
     Context,
     Embed,
@@ -40,43 +41,6 @@ from pipeline.methods.base import (
     to_batch,
 )
 from pipeline.outputs import RunPaths, TrainedModel
-
-
-class JoinArrays:
-    """Ray Data UDF: adds ``name`` columns, looked up by each row's id.
-
-    ``arrays[name]`` = (sorted ids ref, values ref) in the object store, fetched once per
-    worker process on first use, so the N-row arrays are not serialised into every task.
-    """
-
-    _cache: dict[str, Any] = {}
-
-    def __init__(self, arrays: dict[str, tuple[Any, Any]]):
-        self.refs = arrays
-
-    def _get(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        import ray
-
-        ids_ref, values_ref = self.refs[name]
-        key = f"{ids_ref}/{values_ref}"
-        if key not in self._cache:
-            self._cache[key] = (ray.get(ids_ref), ray.get(values_ref))
-        return self._cache[key]  # type: ignore[no-any-return]
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        out = dict(batch)
-        ids = np.asarray(batch["id"]).astype(str)
-        for name in self.refs:
-            sorted_ids, values = self._get(name)
-            out[name] = PerId(sorted_ids, {name: values}).take(ids, name)
-        return out
-
-
-def join_udf(join: dict[str, PerId]) -> JoinArrays:
-    import ray
-
-    return JoinArrays({name: (ray.put(per_id.ids), ray.put(per_id.arrays[name]))
-                       for name, per_id in join.items()})
 
 
 class RayRunner:
@@ -98,8 +62,6 @@ class RayRunner:
         return self._images
 
     def embed(self, stage: Embed) -> PerId:
-        from pipeline.distributed.deepcluster import feature_pass
-
         saved = self.dir.join(f"{stage.name}.npz")
         if fsx.exists(saved):
             with np.load(io.BytesIO(fsx.read_bytes(saved)), allow_pickle=False) as f:

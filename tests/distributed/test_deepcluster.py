@@ -10,7 +10,8 @@ import pytest
 
 from pipeline.config import Config, resolve
 from pipeline.data.reader import InputError
-from pipeline.distributed.deepcluster import RemoteShards, check_feature_memory
+from pipeline.distributed.deepcluster import RemoteShards
+from pipeline.distributed.features import check_feature_memory
 from pipeline.methods.deepcluster import LocalShard, cluster, lloyd
 from tests.test_cluster_job import digits_shards, run_job  # noqa: F401  (fixture)
 
