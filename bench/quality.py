@@ -58,8 +58,9 @@ def final_features(run_dir: str, shards: str) -> np.ndarray:
     from pipeline.data import fs as fsx
     from pipeline.data.decode import decode_batch, normalize
     from pipeline.data.reader import decode_spec
-    from pipeline.models.arch import load_model, model_arch
-    from pipeline.run import RunPaths, load_trained
+    from pipeline.methods.arch import model_arch
+    from pipeline.models.arch import load_model
+    from pipeline.outputs import RunPaths, load_trained
 
     cfg = resolve(Config, os.path.join(run_dir, "config.yaml"))
     trained = load_trained(RunPaths(fsx.locate(run_dir)))

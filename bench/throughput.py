@@ -149,9 +149,9 @@ def make_run(root: Path, overrides: list[str], k: int) -> dict[str, Any]:
 
     from pipeline.config import Config, dump_yaml, resolve
     from pipeline.data import fs as fsx
-    from pipeline.models.arch import build_model, model_arch
+    from pipeline.methods.arch import build_model, model_arch
     from pipeline.models.weights import save_bytes
-    from pipeline.run import RunPaths, TrainedModel, save_trained
+    from pipeline.outputs import RunPaths, TrainedModel, save_trained
 
     shutil.rmtree(root, ignore_errors=True)
     cfg = resolve(Config, overrides=overrides + [f"cluster.k={k}", f"data.output={root}"])

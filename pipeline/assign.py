@@ -18,7 +18,6 @@ The Ray side (read -> decode -> embed -> assign on an actor pool) lives in
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -286,13 +285,6 @@ def cluster_thresholds(clusters: np.ndarray, distances: np.ndarray, k: int, quan
         if len(members) >= min_members:
             out[c] = np.quantile(members, quantile)
     return out
-
-
-def fingerprint(*blobs: bytes) -> str:
-    digest = hashlib.sha256()
-    for blob in blobs:
-        digest.update(hashlib.sha256(blob).digest())
-    return digest.hexdigest()[:16]
 
 
 def thresholds_json(thresholds: np.ndarray, quantile: float, min_members: int) -> bytes:

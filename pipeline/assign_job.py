@@ -16,7 +16,6 @@ Output, under ``--output``::
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -25,13 +24,19 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.assign import AssignStats, assign_shards, cluster_thresholds, fingerprint, plan_shards
+from pipeline.assign import AssignStats, assign_shards, cluster_thresholds, plan_shards
 from pipeline.config import Config, resolve
 from pipeline.data import fs as fsx
 from pipeline.data.fs import Location
 from pipeline.data.publish import is_complete
 from pipeline.data.reader import InputError, find_shards
-from pipeline.run import RunPaths, TrainedModel, load_run_config, load_trained
+from pipeline.outputs import (
+    RunPaths,
+    TrainedModel,
+    load_run_config,
+    load_trained,
+    model_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +135,7 @@ def load_thresholds(paths: RunPaths, cfg: Config) -> np.ndarray:
 
 def claim_output(out: Location, run_uri: str, trained: TrainedModel) -> None:
     """Tie ``out`` to this run's model; refuse an output started with a different one."""
-    buf = io.BytesIO()
-    np.save(buf, trained.centroids)
-    model = fingerprint(trained.model_bytes, buf.getvalue())
+    model = model_fingerprint(trained)
     claim = out.join(CLAIM)
     if fsx.exists(claim):
         owner = json.loads(fsx.read_bytes(claim))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
@@ -12,9 +12,7 @@ from pipeline.config import Config
 from pipeline.data import fs as fsx
 from pipeline.data.quarantine import read_rejects
 from pipeline.metrics import cluster_size_stats, score
-
-if TYPE_CHECKING:
-    from pipeline.run import RunPaths
+from pipeline.outputs import RunPaths
 
 
 def read_assignments(paths: RunPaths, columns: list[str]) -> Any:

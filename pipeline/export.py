@@ -58,7 +58,7 @@ from pipeline.data import fs as fsx
 from pipeline.data.fs import Location, StorageError
 from pipeline.data.publish import is_complete
 from pipeline.data.reader import InputError, Shards, check_schema, find_shards
-from pipeline.run import DEMO_INPUT, RunPaths, load_run_config
+from pipeline.outputs import DEMO_INPUT, RunPaths, load_run_config
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,8 @@ from pipeline.config import Config, dump_yaml, resolve
 from pipeline.data.decode import DecodeSpec, decode_batch, normalize
 from pipeline.data.reader import InputError
 from pipeline.kmeans.stats import assign
-from pipeline.models.arch import build_model, load_model, model_arch
+from pipeline.methods.arch import build_model, model_arch
+from pipeline.models.arch import load_model
 from pipeline.models.weights import arch_json, save_bytes
 from tests.conftest import REPO
 from tests.images import bad_images, encode

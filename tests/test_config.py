@@ -28,7 +28,7 @@ def test_dump_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("method=kmeans", "method: must be one of 'online', 'deepcluster'"),
+    ("method=kmeans", "method: 'kmeans' is not a method; available: online, deepcluster"),
     ("model.backbone=vit", "model.backbone: must be one of 'small_cnn', 'resnet18', 'resnet50'"),
     ("train.lr=-1", "train.lr: must be > 0"),
     ("train.lr=fast", "train.lr: must be float"),

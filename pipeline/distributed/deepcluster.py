@@ -14,7 +14,7 @@ The driver alternates, per epoch ``e``, with everything under ``--output/deepclu
 1. **Feature pass:** the decoded images (materialised once: every epoch reads them twice)
    stream through a Ray Data actor pool (:class:`~pipeline.distributed.assign.EmbedActor`,
    GPU when present); the driver gathers the N x d features, refusing up front when they
-   would not fit (:func:`check_feature_memory`).
+   would not fit (:func:`~pipeline.distributed.features.check_feature_memory`).
 2. **Clustering:** PCA-whitening from summed moments, then k-means: ``faiss.Kmeans`` on the
    driver, or above ``deepcluster.local_max_points`` Lloyd's partial sums reduced across
    ``deepcluster.kmeans_shards`` Ray actors (:class:`RemoteShards`, the same
@@ -35,8 +35,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,7 +44,9 @@ from pipeline.config import Config
 from pipeline.data import fs as fsx
 from pipeline.data.augment import AugmentSpec, augment
 from pipeline.data.fs import Location
-from pipeline.data.reader import InputError, ShuffleSpec, decode_spec, find_shards, read_images
+from pipeline.data.reader import ShuffleSpec, decode_spec, find_shards, read_images
+from pipeline.distributed.features import Features, feature_pass
+from pipeline.methods.arch import build_model, model_arch
 from pipeline.methods.deepcluster import (
     LocalShard,
     MomentStats,
@@ -55,74 +56,10 @@ from pipeline.methods.deepcluster import (
     new_head,
     pseudo_label_loss,
 )
-from pipeline.models.arch import build_model, model_arch
 from pipeline.models.weights import save_bytes
-
-if TYPE_CHECKING:
-    from pipeline.run import RunPaths, TrainedModel
+from pipeline.outputs import RunPaths, TrainedModel
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------------
-# Features and their memory.
-
-
-@dataclass
-class Features:
-    """One feature pass: ids (n,) str, features (n, d), ground-truth labels (n,) or None."""
-
-    ids: np.ndarray
-    x: np.ndarray
-    truth: np.ndarray | None
-
-
-def check_feature_memory(n: int, d: int, cfg: Config, available: int | None = None) -> int:
-    """Bytes the driver needs for n x d features; refuses with the numbers when more than
-    ``deepcluster.max_feature_memory_fraction`` of its available memory."""
-    import psutil
-
-    itemsize = 2 if cfg.deepcluster.feature_dtype == "float16" else 4
-    need = n * d * itemsize * 2  # the raw features and their whitened copy
-    have = psutil.virtual_memory().available if available is None else available
-    limit = int(have * cfg.deepcluster.max_feature_memory_fraction)
-    if need > limit:
-        raise InputError(
-            f"deepcluster: {n:,} images x {d} features x {itemsize} B (x2 for the whitened "
-            f"copy) = {need / 2**30:.1f} GiB, over deepcluster.max_feature_memory_fraction="
-            f"{cfg.deepcluster.max_feature_memory_fraction} of the driver's available "
-            f"{have / 2**30:.1f} GiB; lower model.feature_dim, set "
-            "deepcluster.feature_dtype=float16, or run the driver on a larger node")
-    return need
-
-
-def feature_pass(images: Any, model_bytes: bytes, cfg: Config, n: int,
-                 untrained: bool = False) -> Features:
-    """Every image through the model in a Ray Data actor pool: :class:`Features`.
-    ``untrained``: BatchNorm uses batch statistics (a fresh model's running ones are not)."""
-    import ray
-    import ray.data
-
-    from pipeline.distributed.assign import EmbedActor
-
-    arch = model_arch(cfg)
-    check_feature_memory(n, arch["feature_dim"], cfg)
-    dtype = np.float16 if cfg.deepcluster.feature_dtype == "float16" else np.float32
-    ds = images.map_batches(
-        EmbedActor, fn_constructor_kwargs={"model_bytes": ray.put(model_bytes), "arch": arch,
-                                           "threads": cfg.scale.assign_cpus_per_actor,
-                                           "batch_stats": untrained},
-        batch_size=cfg.cluster.assign_batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.scale.assign_actors),
-        num_cpus=cfg.scale.assign_cpus_per_actor, num_gpus=1 if cfg.scale.gpu else 0)
-    ids, feats, truth = [], [], []
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-        ids.append(np.asarray(batch["id"]).astype(str))
-        feats.append(np.asarray(batch["feature"], dtype=dtype))
-        if "label" in batch:
-            truth.append(np.asarray(batch["label"]).astype(str))
-    return Features(np.concatenate(ids), np.concatenate(feats),
-                    np.concatenate(truth) if truth else None)
 
 
 # ------------------------------------------------------------------------------------------
@@ -201,35 +138,6 @@ def _faiss_gpu() -> bool:
 
 # ------------------------------------------------------------------------------------------
 # Training on pseudo-labels (Ray Train worker side).
-
-
-class AttachLabels:
-    """Ray Data UDF: adds ``pseudo`` (the epoch's cluster of each row's id) and drops ids.
-
-    ``ids`` (sorted) and ``labels`` are object-store refs, fetched once per worker process
-    on first use, so the N-row arrays are not serialised into every task.
-    """
-
-    _cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-
-    def __init__(self, ids: Any, labels: Any):
-        self.refs = (ids, labels)
-
-    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        import ray
-
-        key = str(self.refs[0])
-        if key not in self._cache:
-            self._cache.clear()
-            self._cache[key] = (ray.get(self.refs[0]), ray.get(self.refs[1]))
-        return self._cache[key]
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        ids, labels = self._arrays()
-        pos = np.searchsorted(ids, np.asarray(batch["id"]).astype(str))
-        out = {k: v for k, v in batch.items() if k != "id"}
-        out["pseudo"] = labels[pos]
-        return out
 
 
 def lr_at(cfg: Config, epoch: int) -> float:
@@ -370,21 +278,20 @@ def train_one_epoch(cfg: Config, images: Any, arrays: dict[str, np.ndarray],
                     ) -> tuple[bytes, dict[str, Any], dict[str, float]]:
     """One Ray Train run over (pixels, pseudo) in a fresh random order (``shuffle``, on the
     materialised images) -> (model bytes, trunk optimiser, metrics)."""
-    import ray
+    from pipeline.distributed.features import join_udf
+    from pipeline.distributed.train import trainer_result
+    from pipeline.methods.base import PerId
 
-    from pipeline.distributed.train import run_trainer
-
-    attach = AttachLabels(ray.put(arrays["ids"]), ray.put(arrays["labels"]))
+    attach = join_udf({"pseudo": PerId(arrays["ids"], {"pseudo": arrays["labels"]})})
     # The epoch's own seed: each epoch is a new dataset (and Ray Train run), whose execution
     # index restarts; passes within the epoch still get new orders from it.
     order = dataclasses.replace(shuffle, seed=shuffle.seed + 1000 * epoch)
     data = order.apply(images).map_batches(attach, batch_format="numpy")
     config = {"cfg": cfg, "epoch": epoch, "model_bytes": model_bytes, "optimizer": optimizer,
               "weights": class_weights(arrays["labels"], cfg.cluster.k)}
-    state = run_trainer(cfg, train_epoch_loop, config, data, files.checkpoints,
-                        f"epoch-{epoch:03d}")
-    net_bytes, optims, meta = state
-    return _trunk_bytes(cfg, net_bytes), optims[0], meta["metrics"]
+    state = trainer_result(cfg, train_epoch_loop, config, data, files.checkpoints,
+                           f"epoch-{epoch:03d}")
+    return _trunk_bytes(cfg, state.model_bytes), state.optimizers[0], state.meta["metrics"]
 
 
 def _trunk_bytes(cfg: Config, net_bytes: bytes) -> bytes:
@@ -400,7 +307,6 @@ def _trunk_bytes(cfg: Config, net_bytes: bytes) -> bytes:
 def train_deepcluster(cfg: Config, input_uri: str, paths: RunPaths) -> TrainedModel:
     """All epochs (resuming finished ones), then the final clustering and whitened model."""
     from pipeline.distributed.job import initial_model
-    from pipeline.run import TrainedModel
 
     shards = find_shards(input_uri, cfg.s3)
     shuffle = ShuffleSpec.of(cfg, shards)
@@ -434,15 +340,16 @@ def train_deepcluster(cfg: Config, input_uri: str, paths: RunPaths) -> TrainedMo
         _save_epoch(files, model_bytes, optimizer, row)
         history.append(row)
         _say_epoch(cfg, row)
-    return final_model(cfg, images, model_bytes, n, history, TrainedModel)
+    return final_model(cfg, images, model_bytes, n, history)
 
 
 def final_model(cfg: Config, images: Any, model_bytes: bytes, n: int,
-                history: list[dict[str, Any]], trained_cls: Any) -> TrainedModel:
+                history: list[dict[str, Any]]) -> TrainedModel:
     """Cluster the final features; fold the whitening into the model that is saved."""
     from safetensors.torch import load as st_load
 
-    from pipeline.methods.deepcluster import WhitenedEmbedder
+    from pipeline.methods.deepcluster import whitened_arch
+    from pipeline.models.layers import WhitenedEmbedder
 
     arrays = cluster_features(feature_pass(images, model_bytes, cfg, n), cfg,
                               cfg.train.seed + cfg.train.epochs)
@@ -451,9 +358,8 @@ def final_model(cfg: Config, images: Any, model_bytes: bytes, n: int,
     embedder.load_state_dict(st_load(model_bytes))
     model = WhitenedEmbedder(embedder, cfg.model.feature_dim, whitening.dim)
     whitening.load_into(model.whiten)
-    arch = {**model_arch(cfg), "whiten_from": cfg.model.feature_dim,
-            "feature_dim": whitening.dim}
-    return trained_cls(save_bytes(model), arch, arrays["centroids"], history)
+    arch = whitened_arch(model_arch(cfg), whitening.dim)
+    return TrainedModel(save_bytes(model), arch, arrays["centroids"], history)
 
 
 def _save_epoch(files: EpochFiles, model_bytes: bytes, optimizer: dict[str, Any],

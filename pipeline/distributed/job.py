@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,12 +21,10 @@ from pipeline.data.reader import (
 from pipeline.distributed.centroid_server import create_server
 from pipeline.distributed.train import fit
 from pipeline.kmeans.init import pool_size, seed_centroids
+from pipeline.methods.arch import build_model, model_arch
 from pipeline.methods.online import initial_centroids
-from pipeline.models.arch import build_model, model_arch
 from pipeline.models.weights import save_bytes
-
-if TYPE_CHECKING:
-    from pipeline.run import RunPaths, TrainedModel
+from pipeline.outputs import RunPaths, TrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +116,6 @@ def train_online(cfg: Config, input_uri: str, paths: RunPaths) -> TrainedModel:
     """Train the ``online`` method on Ray Train with a centroid-server actor."""
     import ray
 
-    from pipeline.run import TrainedModel
 
     shards = find_shards(input_uri, cfg.s3)
     images = training_images(cfg, input_uri, shards, ["pixels"])

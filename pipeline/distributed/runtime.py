@@ -63,11 +63,37 @@ def init_ray(num_cpus: int | None = None, address: str | None = None,
     # arguments sit in the object store with max_restarts > 0). Clusters joined by address
     # keep it. Inherited by the local raylet and so by every worker.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Ray 2.59+ starts local clusters with token auth when RAY_AUTH_MODE is unset, and says
+    # so in a WARNING at every start. The auth stays; its notice goes to the log file.
+    # (Setting RAY_AUTH_MODE=token here instead breaks the driver's first GCS connection:
+    # Ray refreshes its cached config only on its own default path.)
+    if not verbose():
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR)
     # The dashboard (on 127.0.0.1 only) also serves the State API that Ray Train polls;
     # without it every run logs "Failed to query Ray Train Controller actor state".
+    port = _pin_state_api() if dashboard else None
     ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False,
-             logging_config=logging_config, runtime_env={"env_vars": quiet} if quiet else None)
+             dashboard_port=port, _node_ip_address="127.0.0.1", log_to_driver=True,
+             configure_logging=False, logging_config=logging_config,
+             runtime_env={"env_vars": quiet} if quiet else None)
+
+
+def _pin_state_api() -> int:
+    """A free port for this cluster's dashboard, exported as ``RAY_API_SERVER_ADDRESS``
+    before the raylet starts, so every process of the cluster inherits it.
+
+    Ray Train's PlacementGroupCleaner queries the State API with the address "auto", which
+    fails with "Found multiple active Ray instances" whenever another Ray instance runs on
+    the machine (another job, a test cluster); with the address pinned it asks this one.
+    """
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    return port
 
 
 def _plain_when_not_a_terminal() -> None:

@@ -5,18 +5,16 @@ side. The method itself (:mod:`pipeline.methods.online`) knows nothing of Ray: t
 hands it batches from the worker's dataset shard and a :class:`RemoteStore` client of the
 centroid server, and turns its progress into ``ray.train.report`` calls with checkpoints.
 
-Checkpoints (``--output/checkpoints``, local or S3) hold the model, the optimiser, the
-centroid-server state and the step, so a restarted worker group (``FailureConfig``) or a
-re-run of the same command continues where it stopped (RAY_NOTES: Train).
+Checkpoints (``--output/checkpoints``, local or S3; :mod:`pipeline.distributed.checkpoint`,
+the one format of every method) hold the model, the optimiser, the centroid-server state
+and the step, so a restarted worker group (``FailureConfig``) or a re-run of the same
+command continues where it stopped (RAY_NOTES: Train).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,13 +26,12 @@ import torch
 from pipeline.config import Config
 from pipeline.data import fs as fsx
 from pipeline.data.augment import AugmentSpec
+from pipeline.distributed import checkpoint
 from pipeline.distributed.centroid_server import RemoteStore, fault_once
 from pipeline.distributed.runtime import setup_worker, verbose
 from pipeline.kmeans.sharded import centroids_of
-from pipeline.kmeans.state_io import pack_state, unpack_state
+from pipeline.methods.arch import build_model
 from pipeline.methods.online import OnlineLossSpec, OnlineWorker, make_optimizer
-from pipeline.models.arch import build_model
-from pipeline.models.weights import save_bytes
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +43,6 @@ class TrainOutcome:
     model_bytes: bytes
     centroids: np.ndarray
     history: list[dict[str, float]]
-    checkpoint_path: str | None
 
 
 def loss_spec(cfg: Config) -> OnlineLossSpec:
@@ -59,33 +55,6 @@ def augment_spec(cfg: Config) -> AugmentSpec | None:
     if not cfg.online.augment:
         return None
     return AugmentSpec(flip=cfg.data.channels == 3)
-
-
-# ------------------------------------------------------------------------------------------
-# Checkpoint files (a plain directory; Ray Train uploads it to the run's storage).
-
-
-def write_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     store_state: dict[str, Any], meta: dict[str, Any]) -> None:
-    with open(os.path.join(path, "model.safetensors"), "wb") as fh:
-        fh.write(save_bytes(model))
-    torch.save(optimizer.state_dict(), os.path.join(path, "optimizer.pt"))
-    with open(os.path.join(path, "centroid_server.npz"), "wb") as fh:
-        fh.write(pack_state(store_state))
-    with open(os.path.join(path, "meta.json"), "w") as fh:
-        json.dump(meta, fh)
-
-
-def read_checkpoint(path: str) -> tuple[bytes, dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """-> (model safetensors bytes, optimiser state, store state, meta)."""
-    with open(os.path.join(path, "model.safetensors"), "rb") as fh:
-        model_bytes = fh.read()
-    optim = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
-    with open(os.path.join(path, "centroid_server.npz"), "rb") as fh:
-        store_state = unpack_state(fh.read())
-    with open(os.path.join(path, "meta.json")) as fh:
-        meta = json.load(fh)
-    return model_bytes, optim, store_state, meta
 
 
 # ------------------------------------------------------------------------------------------
@@ -105,38 +74,29 @@ class _Reporter:
         self.worker, self.cfg, self.rank = worker, cfg, rank
 
     def __call__(self, metrics: dict[str, Any], epoch: int, batch_in_epoch: int) -> None:
-        import ray.train
-
         self.worker.flush()
         store: Any = self.worker.store
-        state = store.state() if self.rank == 0 else None
-        if self.rank != 0:
-            ray.train.report(metrics, checkpoint=None)
-            return
         meta = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": self.worker.step,
                 "history": self.worker.history}
-        with tempfile.TemporaryDirectory() as tmp:
-            write_checkpoint(tmp, _unwrap(self.worker.model), self.worker.optimizer, state or {},
-                             meta)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        checkpoint.report(self.rank, metrics, _unwrap(self.worker.model),
+                          [self.worker.optimizer], meta,
+                          store.state() if self.rank == 0 else None)
 
 
 def _restore(worker: OnlineWorker, rank: int) -> tuple[int, int]:
     """Load the latest checkpoint, if any; rank 0 re-seeds the server. -> (epoch, skip)."""
-    import ray.train
     from safetensors.torch import load as st_load
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    state = checkpoint.latest()
+    if state is None:
         return 0, 0
-    with checkpoint.as_directory() as path:
-        model_bytes, optim, store_state, meta = read_checkpoint(path)
-    _unwrap(worker.model).load_state_dict(st_load(model_bytes))
-    worker.optimizer.load_state_dict(optim)
+    _unwrap(worker.model).load_state_dict(st_load(state.model_bytes))
+    worker.optimizer.load_state_dict(state.optimizers[0])
+    meta = state.meta
     worker.step, worker.history = meta["step"], meta["history"]
     if rank == 0:
         store: Any = worker.store
-        store.load_state(store_state)
+        store.load_state(state.server or {})
     log.info("rank %d resumed at epoch %d, step %d", rank, meta["epoch"], meta["step"])
     return meta["epoch"], meta["batch_in_epoch"]
 
@@ -293,9 +253,9 @@ def _say(line: str) -> None:
 
 
 def trainer_result(cfg: Config, loop: Any, config: dict[str, Any], train_ds: Any,
-                   storage: Any, name: str) -> Any:
+                   storage: Any, name: str) -> checkpoint.TrainState:
     """Run (or resume: same ``name`` under ``storage``) a TorchTrainer for ``cfg``: DDP
-    (gloo on CPU, nccl on GPU), FailureConfig restarts, quiet logs. -> its final Checkpoint."""
+    (gloo on CPU, nccl on GPU), FailureConfig restarts, quiet logs. -> its final state."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -318,19 +278,17 @@ def trainer_result(cfg: Config, loop: Any, config: dict[str, Any], train_ds: Any
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training under {storage.uri}/{name} finished without a checkpoint")
-    return result.checkpoint
+    return checkpoint.of(result.checkpoint)
 
 
 def fit(cfg: Config, train_ds: Any, server: dict[str, Any], storage: Any,
         init_model: bytes | None) -> TrainOutcome:
     """Run (or resume) Ray Train for ``cfg`` with checkpoints under ``storage`` (Location)."""
-    checkpoint = trainer_result(cfg, train_loop_per_worker,
-                                {"cfg": cfg, "server": server, "init_model": init_model},
-                                train_ds, storage, "train")
-    with checkpoint.as_directory() as path:
-        model_bytes, _, store_state, meta = read_checkpoint(path)
-    return TrainOutcome(model_bytes, centroids_of(store_state), meta["history"],
-                        checkpoint.path)
+    state = trainer_result(cfg, train_loop_per_worker,
+                           {"cfg": cfg, "server": server, "init_model": init_model},
+                           train_ds, storage, "train")
+    return TrainOutcome(state.model_bytes, centroids_of(state.server or {}),
+                        state.meta["history"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -345,54 +303,25 @@ def fault_point(cfg: Config, step: int) -> None:
 
 def save_state(rank: int, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
                step: int, losses: list[float], metrics: dict[str, Any] | None = None) -> None:
-    """Report progress on every rank; rank 0 attaches a checkpoint of the model, optimisers
-    and ``step`` (batches done in this run; -1 = finished, with its ``metrics``)."""
-    import ray.train
-
-    report = {"step": step, **(metrics or {})}
-    if rank != 0:
-        ray.train.report(report, checkpoint=None)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        with open(os.path.join(tmp, "model.safetensors"), "wb") as fh:
-            fh.write(save_bytes(model))
-        torch.save([o.state_dict() for o in optimizers], os.path.join(tmp, "optimizers.pt"))
-        with open(os.path.join(tmp, "meta.json"), "w") as fh:
-            json.dump({"step": step, "losses": losses, "metrics": metrics}, fh)
-        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    """Report progress on every rank, with a checkpoint of the model, optimisers and ``step``
+    (batches done in this run; -1 = finished, with its ``metrics``)."""
+    checkpoint.report(rank, {"step": step, **(metrics or {})}, model, optimizers,
+                      {"step": step, "losses": losses, "metrics": metrics})
 
 
 def restore_state(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]
                   ) -> tuple[int, list[float], dict[str, Any] | None]:
     """Load the latest :func:`save_state` checkpoint, if any.
     -> (batches to skip, losses so far, final metrics if the run had finished)."""
-    import ray.train
     from safetensors.torch import load as st_load
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    state = checkpoint.latest()
+    if state is None:
         return 0, [], None
-    model_bytes, optims, meta = read_state(checkpoint)
-    model.load_state_dict(st_load(model_bytes))
-    for optimizer, state in zip(optimizers, optims, strict=True):
-        optimizer.load_state_dict(state)
+    model.load_state_dict(st_load(state.model_bytes))
+    for optimizer, saved in zip(optimizers, state.optimizers, strict=True):
+        optimizer.load_state_dict(saved)
+    meta = state.meta
     log.info("resumed after %d batches", meta["step"])
     done = meta["metrics"] if meta["step"] < 0 else None
     return max(0, meta["step"]), meta["losses"], done
-
-
-def read_state(checkpoint: Any) -> tuple[bytes, list[dict[str, Any]], dict[str, Any]]:
-    """-> (model safetensors bytes, optimiser states, meta) of a :func:`save_state` checkpoint."""
-    with checkpoint.as_directory() as path:
-        with open(os.path.join(path, "model.safetensors"), "rb") as fh:
-            model_bytes = fh.read()
-        optims = torch.load(os.path.join(path, "optimizers.pt"), weights_only=True)
-        with open(os.path.join(path, "meta.json")) as fh:
-            meta = json.load(fh)
-    return model_bytes, optims, meta
-
-
-def run_trainer(cfg: Config, loop: Any, config: dict[str, Any], train_ds: Any, storage: Any,
-                name: str) -> tuple[bytes, list[dict[str, Any]], dict[str, Any]]:
-    """:func:`trainer_result` for a :func:`save_state` loop -> its final :func:`read_state`."""
-    return read_state(trainer_result(cfg, loop, config, train_ds, storage, name))

@@ -1,0 +1,114 @@
+"""The methods' registry (DESIGN §5): one entry per clustering method, loaded lazily.
+
+``run()``, the command line and config validation all go through :func:`get`, so an unknown
+or not-yet-implemented method is refused everywhere with the list of those available. This
+module is a leaf (no torch, no config import), so the config can validate against it.
+
+A method is one module in this package (its algorithm, no Ray), a config section, and one
+:class:`MethodInfo` line in :data:`REGISTRY`. Each entry names:
+
+* ``module``: the algorithm, plain PyTorch/numpy;
+* ``stages``: ``module:function`` ``(cfg) -> generator of stages`` (:mod:`pipeline.methods.base`),
+  which the shared runners execute: :func:`pipeline.distributed.runner.train_stages` on Ray,
+  :func:`pipeline.methods.reference.run_reference` in one process. :func:`staged` writes
+  such a line. ``online`` and ``deepcluster`` still have their own ``trainer``;
+* ``trainer``: ``module:function`` with signature ``(cfg, input_uri, paths) -> TrainedModel``
+  that trains it on Ray (:mod:`pipeline.distributed`); the export is a model and centroids
+  such that nearest-centroid assignment is the method's own cluster rule, so the assign job,
+  outliers, metrics and the report need nothing per method;
+* ``arch``: optional ``module:function`` ``(cfg, arch) -> arch`` that adapts the backbone's
+  architecture record (:func:`pipeline.models.arch.backbone_arch`) to the method
+  (:mod:`pipeline.methods.arch`);
+* ``reads``: the method-specific settings it uses (:data:`METHOD_SETTINGS`), so a changed
+  setting that the chosen method ignores is named in a warning (:func:`ignored_settings`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pipeline.dotted import flat, matches
+from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
+
+
+STAGE_RUNNER = "pipeline.distributed.runner:train_stages"
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    paper: str
+    module: str
+    trainer: str
+    reads: tuple[str, ...]
+    arch: str | None = None
+    stages: str | None = None  # "module:function" (cfg) -> stage generator (methods.base)
+
+    def train_fn(self) -> Callable[..., Any]:
+        return load(self.trainer)
+
+    def stages_fn(self) -> Callable[..., Any]:
+        if self.stages is None:
+            raise NotImplementedError(f"method {self.name} is not on the stage runner yet")
+        return load(self.stages)
+
+
+def staged(name: str, paper: str, module: str, reads: tuple[str, ...] = (),
+           arch: str | None = None) -> MethodInfo:
+    """The registry line of a method written as stages (:mod:`pipeline.methods.base`):
+    ``module`` defines ``stages(cfg)``; the shared stage runner trains it on Ray."""
+    return MethodInfo(name, paper, module, STAGE_RUNNER, reads, arch, f"{module}:stages")
+
+
+# Settings that only some methods use: whole sections (a trailing dot) or single keys.
+_CENTROID_SERVER = ("cluster.sync_every", "cluster.max_staleness", "cluster.drift_compensation",
+                    "cluster.drift_smoothing", "cluster.reseed_every", "cluster.reseed_ratio",
+                    "cluster.reservoir_size", "cluster.persist_every", "scale.centroid_shards",
+                    "debug.kill_server_at_round")
+
+REGISTRY: dict[str, MethodInfo] = {
+    "online": MethodInfo(
+        "online", "Hsu & Lin 2017", "pipeline.methods.online",
+        "pipeline.distributed.job:train_online",
+        reads=("online.", "train.warmup_epochs", *_CENTROID_SERVER)),
+    "deepcluster": MethodInfo(
+        "deepcluster", "Caron et al. 2018", "pipeline.methods.deepcluster",
+        "pipeline.distributed.deepcluster:train_deepcluster",
+        reads=("deepcluster.", "train.lr_schedule"),
+        arch="pipeline.methods.deepcluster:adapt_arch"),
+}
+PLANNED = ("depict", "imc", "multiview")  # named in the config's Method type, not built yet
+METHOD_SETTINGS = tuple(dict.fromkeys(key for m in REGISTRY.values() for key in m.reads))
+
+
+def available() -> list[str]:
+    return list(REGISTRY)
+
+
+def get(name: str) -> MethodInfo:
+    """The registered method ``name``; any other name is a ConfigError listing the choices."""
+    if name not in REGISTRY:
+        what = "is not implemented yet" if name in PLANNED else "is not a method"
+        raise ConfigError(f"method: {name!r} {what}; available: {', '.join(available())}")
+    return REGISTRY[name]
+
+
+def load(dotted: str) -> Callable[..., Any]:
+    module, _, attr = dotted.partition(":")
+    fn: Callable[..., Any] = getattr(importlib.import_module(module), attr)
+    return fn
+
+
+def ignored_settings(cfg: Config) -> list[str]:
+    """Dotted keys set away from their defaults that ``cfg.method`` does not read."""
+    reads = get(cfg.method).reads
+    default, actual = flat(type(cfg)()), flat(cfg)
+    return [key for key, value in actual.items()
+            if value != default[key] and matches(key, METHOD_SETTINGS)
+            and not matches(key, reads)]

@@ -13,7 +13,7 @@ Every epoch alternates two steps:
    sample weighted by the inverse size of its cluster (:func:`class_weights`), which in
    expectation equals the paper's uniform sampling over clusters.
 
-Optional Sobel input (:class:`Sobel`): fixed greyscale then horizontal and vertical Sobel
+Optional Sobel input (:class:`~pipeline.models.layers.Sobel`): fixed greyscale then horizontal and vertical Sobel
 filters, which the paper uses to stop the CNN from clustering by colour.
 
 Everything here is plain numpy/PyTorch: no Ray. The Ray wiring (the feature pass through a
@@ -39,42 +39,16 @@ from pipeline.kmeans.stats import assign, partial_stats
 # Input and model pieces.
 
 
-class Sobel(nn.Module):
-    """Fixed (not trained) greyscale + Sobel filters: (n, C, H, W) -> (n, 2, H, W).
-
-    Greyscale is the channel mean (for C = 3 the paper's luminance-free average); the two
-    output channels are the horizontal and vertical Sobel responses (Caron et al. 2018 §5).
-    """
-
-    def __init__(self, in_channels: int):
-        super().__init__()
-        gx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
-        kernel = torch.stack([gx, gx.t()]).unsqueeze(1)  # (2, 1, 3, 3)
-        self.grey: torch.Tensor
-        self.kernel: torch.Tensor
-        self.register_buffer("grey", torch.full((1, in_channels, 1, 1), 1.0 / in_channels))
-        self.register_buffer("kernel", kernel)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grey = (x * self.grey).sum(dim=1, keepdim=True)
-        return F.conv2d(grey, self.kernel, padding=1)
+def adapt_arch(cfg: Any, arch: dict[str, Any]) -> dict[str, Any]:
+    """Raw (unnormalised) features, optionally behind Sobel filters: PCA-whitening and L2
+    come after training (:func:`whitened_arch`)."""
+    return {**arch, "normalize": False, "sobel": cfg.deepcluster.sobel}
 
 
-class WhitenedEmbedder(nn.Module):
-    """An embedder followed by a fixed PCA-whitening and L2 normalisation.
-
-    The saved DeepCluster model maps images straight to the space its centroids live in,
-    so ``jobs/assign.py`` and the report use it like any other model. (n, C, H, W) -> (n, p).
-    """
-
-    def __init__(self, embedder: nn.Module, in_dim: int, out_dim: int):
-        super().__init__()
-        self.embedder = embedder
-        self.whiten = nn.Linear(in_dim, out_dim)
-        self.whiten.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.whiten(self.embedder(x)), dim=1)
+def whitened_arch(arch: dict[str, Any], pca_dim: int) -> dict[str, Any]:
+    """The finished model's record: the embedder, then a whitening to ``pca_dim``."""
+    return {**arch, "kind": "whitened_embedder", "whiten_from": arch["feature_dim"],
+            "feature_dim": pca_dim}
 
 
 def new_head(feature_dim: int, k: int, seed: int) -> nn.Linear:

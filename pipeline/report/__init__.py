@@ -18,9 +18,9 @@ log = logging.getLogger(__name__)
 def write_report(run_uri: str, s3: S3Config | None = None,
                  overrides: list[str] | None = None) -> str:
     """Build ``RUN/report.html``; returns its URI."""
+    from pipeline.outputs import RunPaths, load_run_config
     from pipeline.report.data import gather
     from pipeline.report.html import render
-    from pipeline.run import RunPaths, load_run_config
 
     paths = RunPaths(fsx.locate(run_uri, s3))
     cfg = load_run_config(paths, overrides)

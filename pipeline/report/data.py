@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 from pipeline.config import Config
 from pipeline.data import fs as fsx
 from pipeline.data.fs import Location
+from pipeline.outputs import DEMO_INPUT, RunPaths
 from pipeline.report.embedding import EmbeddingMap, build_map
-from pipeline.run import DEMO_INPUT, RunPaths
 
 log = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ from pipeline.config import Config
 from pipeline.data import fs as fsx
 
 if TYPE_CHECKING:
+    from pipeline.outputs import RunPaths
     from pipeline.report.data import ClusterView
-    from pipeline.run import RunPaths
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def build_map(views: Sequence[ClusterView], paths: RunPaths,
     """The map of ``views`` (those with montages) and a note; (None, why) without a model."""
     if not fsx.exists(paths.model.join("model.json")):
         return None, "No embedding map: the run has no model/ (model.json)."
-    from pipeline.run import load_trained
+    from pipeline.outputs import load_trained
 
     chosen = select([v for v in views if v.sampled], cfg.report.map_points)
     t0 = time.perf_counter()

@@ -10,7 +10,8 @@ import pytest
 
 from pipeline.config import Config, resolve
 from pipeline.data.reader import InputError
-from pipeline.distributed.deepcluster import RemoteShards, check_feature_memory
+from pipeline.distributed.deepcluster import RemoteShards
+from pipeline.distributed.features import check_feature_memory
 from pipeline.methods.deepcluster import LocalShard, cluster, lloyd
 from tests.test_cluster_job import digits_shards, run_job  # noqa: F401  (fixture)
 
@@ -38,8 +39,8 @@ def test_feature_memory_guard_names_the_sizes_and_the_fix():
         check_feature_memory(10_000_000, 512, cfg, available=8 * 2**30)
 
 
-DC = ["method=deepcluster", "cluster.k=10", "deepcluster.pca_dim=8", "model.feature_dim=16",
-      "train.lr=0.003"]
+DC = ["method=deepcluster", "cluster.k=10", "deepcluster.pca_dim=8", "deepcluster.passes=1",
+      "model.feature_dim=16", "train.lr=0.003"]
 
 
 def mtime(*parts: str) -> float:

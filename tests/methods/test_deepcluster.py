@@ -10,8 +10,6 @@ import torch
 from pipeline.methods.deepcluster import (
     LocalShard,
     MomentStats,
-    Sobel,
-    WhitenedEmbedder,
     Whitening,
     class_weights,
     cluster,
@@ -20,6 +18,7 @@ from pipeline.methods.deepcluster import (
     pseudo_label_loss,
 )
 from pipeline.metrics import nmi
+from pipeline.models.layers import Sobel, WhitenedEmbedder
 
 
 def blobs(n: int, k: int, d: int, seed: int, spread: float = 0.3) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import Config, dump_yaml, resolve
-from pipeline.models.arch import build_model, model_arch
+from pipeline.methods.arch import build_model, model_arch
 from pipeline.models.weights import arch_json, save_bytes
 from pipeline.report import write_report
 from pipeline.report.data import ClusterView, confusion

@@ -1,0 +1,159 @@
+"""The methods' seam (DESIGN §5): stages, programs and the worker context. No Ray.
+
+A method is a generator of **stages** (:func:`drive` runs it on a runner):
+
+* :class:`Embed` -- a full pass of every image through a model; the runner sends back a
+  :class:`PerId` (features by image id). Saved, and skipped when present.
+* :class:`Train` -- epochs of steps of a :class:`Program` over the shuffled stream, with
+  per-id arrays of earlier stages joined into each batch; the runner sends back a
+  :class:`TrainResult` (the program's final state and per-epoch metrics).
+
+Between stages the generator computes on the driver whatever it likes (k-means, PCA), and
+so it can loop (DeepCluster) or branch on earlier results (DEPICT). Its return value is the
+export: a :class:`~pipeline.outputs.TrainedModel` whose nearest-centroid rule is the
+method's own cluster rule, so assignment, outliers, metrics and the report need nothing per
+method.
+
+Two runners execute the same stage list: :class:`pipeline.methods.reference.LocalRunner`
+in one process, and :class:`pipeline.distributed.runner.RayRunner` on Ray (Ray Data for
+passes and streams, Ray Train for programs). A program sees only a :class:`Context`, whose
+collectives are the identity in one process (the pattern of lightly's
+``gather_distributed``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@dataclass
+class Context:
+    """What a program's step sees on one worker.
+
+    ``all_reduce``: (…) tensor -> its sum over workers; ``all_gather``: (n, …) -> (world·n, …)
+    concatenated in rank order (equal n on every rank); ``wrap``: a module -> the module to
+    train with (DDP under Ray Train). All three are the identity in one process.
+    """
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    rank: int = 0
+    world: int = 1
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] = _identity
+    all_gather: Callable[[torch.Tensor], torch.Tensor] = _identity
+    wrap: Callable[[nn.Module], nn.Module] = lambda m: m
+
+
+@dataclass
+class PerId:
+    """Arrays by image id: ``ids`` (n,) str sorted, ``arrays[name]`` (n, …), ``labels`` (n,)
+    str ground truth or None."""
+
+    ids: np.ndarray
+    arrays: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+
+    def sorted(self) -> PerId:
+        order = np.argsort(self.ids, kind="stable")
+        return PerId(self.ids[order], {k: v[order] for k, v in self.arrays.items()},
+                     None if self.labels is None else self.labels[order])
+
+    def take(self, ids: np.ndarray, name: str) -> np.ndarray:
+        """``arrays[name]`` rows of ``ids`` (each must be present; ``ids`` sorted here)."""
+        pos = np.searchsorted(self.ids, ids)
+        if len(self.ids) == 0 or np.any(pos >= len(self.ids)) or np.any(self.ids[
+                np.minimum(pos, len(self.ids) - 1)] != ids):
+            raise KeyError(f"{name}: ids missing from the joined stage")
+        return self.arrays[name][pos]
+
+
+class Program(Protocol):
+    """A train stage's work on one worker. Picklable before :meth:`setup`.
+
+    ``module`` holds everything the stage trains or carries between epochs (checkpointed
+    as safetensors; buffers included), ``setup`` builds it on ``ctx.device`` and returns
+    the optimisers (checkpointed too).
+    """
+
+    module: nn.Module
+
+    def setup(self, ctx: Context) -> list[torch.optim.Optimizer]: ...
+
+    def step(self, batch: dict[str, Any], ctx: Context) -> dict[str, float]:
+        """One batch: tensors (``pixels`` (b, C, H, W) float32, joined arrays) plus
+        ``id`` (b,) and ``label`` (b,) as numpy."""
+        ...
+
+    def end_epoch(self, epoch: int, ctx: Context) -> dict[str, float]: ...
+
+
+@dataclass
+class Embed:
+    """A full pass: features of every image under ``model`` (safetensors + arch record)."""
+
+    name: str
+    model: bytes
+    arch: dict[str, Any]
+    batch_stats: bool = False  # BatchNorm from each batch (an untrained model's are void)
+
+
+@dataclass
+class Train:
+    """``epochs`` of ``program`` over the shuffled stream (``cfg.train.batch_size`` a step,
+    split over workers), with ``join[name]`` arrays added to each batch by id."""
+
+    name: str
+    epochs: int
+    program: Program
+    join: dict[str, PerId] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    """A train stage's outcome: the program module's final ``state`` and its ``history``."""
+
+    state: dict[str, np.ndarray]
+    history: list[dict[str, Any]]
+
+
+Stage = Embed | Train
+Stages = Generator[Stage, Any, Any]
+
+
+class Runner(Protocol):
+    def embed(self, stage: Embed) -> PerId: ...
+
+    def train(self, stage: Train) -> TrainResult: ...
+
+
+def drive(stages: Stages, runner: Runner) -> Any:
+    """Run each stage the generator yields on ``runner``, sending its result back; returns
+    the generator's return value (the method's export)."""
+    result: Any = None
+    while True:
+        try:
+            stage = stages.send(result)
+        except StopIteration as done:
+            return done.value
+        result = runner.embed(stage) if isinstance(stage, Embed) else runner.train(stage)
+
+
+def to_batch(rows: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Numeric columns as float/int tensors on ``device``; ``id`` and ``label`` stay numpy."""
+    out: dict[str, Any] = {}
+    for name, value in rows.items():
+        array = np.asarray(value)
+        if name in ("id", "label") or array.dtype.kind not in "biuf":
+            out[name] = array
+        else:
+            out[name] = torch.from_numpy(np.ascontiguousarray(array)).to(device)
+    return out

@@ -1,0 +1,93 @@
+"""The single-process reference runner: any registered method's stages, in-process, no Ray.
+
+It reads the input shards with pyarrow, decodes with the same decoder as the Ray path,
+embeds with the model in eval mode (as :class:`~pipeline.distributed.assign.EmbedActor`
+does) and trains a program over a seeded permutation per epoch, in batches of
+``train.batch_size`` (the last partial batch dropped, as on Ray). Tests hold the Ray runner
+to it; it is also the easiest place to debug a new method.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from pipeline import methods
+from pipeline.config import Config
+from pipeline.data.decode import decode_batch, normalize
+from pipeline.data.reader import decode_spec, find_shards
+from pipeline.methods.base import Context, Embed, PerId, Train, TrainResult, drive, to_batch
+from pipeline.models.arch import load_model
+from pipeline.outputs import TrainedModel
+
+
+class LocalRunner:
+    """Runs stages on the decoded input held in memory (small inputs: tests, debugging)."""
+
+    def __init__(self, cfg: Config, input_uri: str):
+        self.cfg = cfg
+        self.ids, self.pixels, self.labels = _decode_all(cfg, input_uri)
+
+    def embed(self, stage: Embed) -> PerId:
+        model = load_model(stage.model, stage.arch, torch.device("cpu"))
+        if stage.batch_stats:
+            model.train()
+        with torch.inference_mode():
+            features = torch.cat([model(x) for x in self.pixels.split(512)]).numpy()
+        return PerId(self.ids, {"feature": features.astype(np.float32)}, self.labels).sorted()
+
+    def train(self, stage: Train) -> TrainResult:
+        ctx = Context()
+        program = stage.program
+        program.setup(ctx)
+        order_ids = np.argsort(self.ids)
+        joined = {}
+        for name, per_id in stage.join.items():  # rows in self.ids order
+            rows = np.empty((len(self.ids), *per_id.arrays[name].shape[1:]),
+                            per_id.arrays[name].dtype)
+            rows[order_ids] = per_id.take(self.ids[order_ids], name)
+            joined[name] = rows
+        batch, history = self.cfg.train.batch_size, []
+        for epoch in range(stage.epochs):
+            order = np.random.default_rng(self.cfg.train.seed + 1000 * epoch).permutation(
+                len(self.ids))
+            for start in range(0, len(order) - batch + 1, batch):
+                rows = order[start:start + batch]
+                program.step(to_batch(self._rows(rows, joined), ctx.device), ctx)
+            history.append({"epoch": epoch, **program.end_epoch(epoch, ctx)})
+        state = {k: v.detach().cpu().numpy() for k, v in program.module.state_dict().items()}
+        return TrainResult(state, history)
+
+    def _rows(self, rows: np.ndarray, joined: dict[str, np.ndarray]) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.ids[rows], "pixels": self.pixels[rows].numpy()}
+        if self.labels is not None:
+            out["label"] = self.labels[rows]
+        out.update({name: array[rows] for name, array in joined.items()})
+        return out
+
+
+def _decode_all(cfg: Config, uri: str) -> tuple[np.ndarray, torch.Tensor, np.ndarray | None]:
+    """Every decodable image of the input: ids (n,) str, normalised pixels (n, C, H, W)
+    float32, labels (n,) str or None."""
+    shards = find_shards(uri, cfg.s3)
+    spec = decode_spec(cfg)
+    ids, pixels, labels = [], [], []
+    for path in shards.files:
+        table = pq.read_table(path, filesystem=shards.location.fs)
+        decoded = decode_batch(table.column("image").to_pylist(), spec)
+        ids += [table.column("id")[i].as_py() for i in decoded.ok]
+        pixels.append(normalize(decoded.pixels, spec))
+        if shards.has_label:
+            labels += [str(table.column("label")[i].as_py()) for i in decoded.ok]
+    return (np.asarray(ids, dtype=str), torch.cat(pixels),
+            np.asarray(labels, dtype=str) if shards.has_label else None)
+
+
+def run_reference(cfg: Config, input_uri: str) -> TrainedModel:
+    """Train ``cfg.method`` in this process on the same stage list as the Ray runner."""
+    stages = methods.get(cfg.method).stages_fn()(cfg)
+    trained: TrainedModel = drive(stages, LocalRunner(cfg, input_uri))
+    return trained

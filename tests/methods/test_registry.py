@@ -1,0 +1,93 @@
+"""The methods' registry: one refusal everywhere, and warnings for ignored settings."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from pipeline import methods
+from pipeline.config import Config, ConfigError, resolve
+
+
+@pytest.mark.parametrize("name", ["imc", "depict"])
+def test_config_validation_refuses_an_unbuilt_method_with_the_choices(name):
+    with pytest.raises(ConfigError, match=rf"method: '{name}' is not implemented yet; "
+                                          r"available: online, deepcluster"):
+        resolve(Config, overrides=[f"method={name}"])
+
+
+def test_the_cli_refuses_it_before_any_work():
+    import jobs.cluster_imagenet as job
+
+    with pytest.raises(ConfigError, match="available: online, deepcluster"):
+        job.load_config(job.parse_args(["--method", "multiview"]))
+
+
+def test_run_refuses_a_config_built_without_validation(tmp_path):
+    """``run()`` itself checks: a Config made in code never trains another method silently."""
+    from pipeline.run import run
+
+    cfg = Config(method="imc")  # type: ignore[arg-type]
+    cfg.data.output = str(tmp_path / "out")
+    with pytest.raises(ConfigError, match="'imc' is not implemented yet"):
+        run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_name_outside_the_registry_is_not_a_method():
+    with pytest.raises(ConfigError, match="'kmeans' is not a method; available"):
+        methods.get("kmeans")
+
+
+def test_every_entry_loads_its_trainer_and_algorithm():
+    import importlib
+
+    for info in methods.REGISTRY.values():
+        assert callable(info.train_fn())
+        importlib.import_module(info.module)
+
+
+@pytest.mark.parametrize("method, setting, ignored", [
+    ("online", "train.lr_schedule=cosine", ["train.lr_schedule"]),
+    ("online", "deepcluster.pca_dim=32", ["deepcluster.pca_dim"]),
+    ("deepcluster", "online.temperature=0.5", ["online.temperature"]),
+    ("deepcluster", "cluster.sync_every=4", ["cluster.sync_every"]),
+    ("deepcluster", "train.lr_schedule=cosine", []),
+    ("online", "cluster.sync_every=4", []),
+    ("online", "train.lr=0.01", []),  # shared settings are never "ignored"
+])
+def test_ignored_settings_are_named(method, setting, ignored):
+    cfg = resolve(Config, overrides=[f"method={method}", setting])
+    assert methods.ignored_settings(cfg) == ignored
+
+
+def test_run_warns_about_an_ignored_setting(tmp_path, caplog):
+    from pipeline.run import run
+
+    cfg = resolve(Config, overrides=["train.lr_schedule=cosine"],
+                  flags={"data.input": str(tmp_path / "missing"), "data.output": str(tmp_path)})
+    from pipeline.data.fs import StorageError
+    from pipeline.data.reader import InputError
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.run"), \
+            pytest.raises((InputError, StorageError)):
+        run(cfg)  # stops at the missing input, after the warning
+    assert "train.lr_schedule is set but method online does not use it" in caplog.text
+
+
+def test_a_removed_setting_in_a_saved_config_is_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="pipeline.config"):
+        cfg = resolve(Config, loaded={"online": {"passes": 3, "temperature": 0.2}})
+    assert cfg.online.temperature == 0.2
+    assert "online.passes is no longer a setting" in caplog.text
+
+
+def test_the_paper_preset_resolves_to_the_papers_settings():
+    from tests.conftest import REPO
+
+    cfg = resolve(Config, str(REPO / "configs" / "deepcluster-paper.yaml"))
+    assert cfg.method == "deepcluster" and cfg.deepcluster.pca_dim == 256
+    assert cfg.deepcluster.passes == 1 and cfg.deepcluster.sobel
+    default = resolve(Config, overrides=["method=deepcluster"]).deepcluster
+    assert (default.pca_dim, default.passes) == (16, 3)  # what measures best here (README)
