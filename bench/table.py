@@ -24,8 +24,11 @@ def rows() -> list[str]:
         where = f"{m['cpus']} CPUs" + (f", {m['gpu']}" if m.get("gpu") else "")
         when = time.strftime("%Y-%m-%d", time.gmtime(data.get("created_unix", 0)))
         target = "" if h.get("target") is None else h["target"]
+        # No target, no verdict (older GPU JSONs stored meets: true without one).
+        verdict = "—" if h.get("target") is None or h.get("meets") is None else (
+            "yes" if h["meets"] else "no")
         out.append(f"| `{path.stem}` | {h['name']} | {h['value']} | {target} | "
-                   f"{'yes' if h['meets'] else 'no'} | {where} | {when} |")
+                   f"{verdict} | {where} | {when} |")
     return out
 
 
