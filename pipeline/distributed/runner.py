@@ -130,13 +130,17 @@ def ray_context() -> Context:
 
 
 def stage_loop(config: dict[str, Any]) -> None:
-    """Ray Train entry point of every train stage: ``config`` = {"cfg", "stage"}."""
-    import ray.train
-    from safetensors.torch import load as st_load
+    """Ray Train entry point of every train stage: ``config`` = {"cfg", "stage"}.
 
-    from pipeline.distributed import checkpoint
+    Checkpoints every ``scale.checkpoint_every_steps`` steps and at each epoch end; after a
+    restart the interrupted epoch replays its remaining number of steps on a freshly
+    shuffled stream (Ray Data iterators cannot resume mid-stream), and the first epoch row
+    after a resume records ``resumed_from_step``. ``debug.kill_worker_at_step`` kills rank 0
+    once, for the fault tests."""
+    import ray.train
+
     from pipeline.distributed.runtime import setup_worker
-    from pipeline.distributed.train import Progress, epoch_batches_kwargs, out_of_time
+    from pipeline.distributed.train import Progress, epoch_batches_kwargs, fault_point, out_of_time
 
     cfg: Config = config["cfg"]
     stage: Train = config["stage"]
@@ -145,30 +149,57 @@ def stage_loop(config: dict[str, Any]) -> None:
     ctx = ray_context()
     program = stage.program
     optimizers = program.setup(ctx)
-    start, history = 0, []
-    saved = checkpoint.latest()
-    if saved is not None:
-        program.module.load_state_dict(st_load(saved.model_bytes))
-        for optimizer, state in zip(optimizers, saved.optimizers, strict=True):
-            optimizer.load_state_dict(state)
-        start, history = saved.meta["epoch"], saved.meta["history"]
+    at = _resume(program, optimizers)
     shard = ray.train.get_dataset_shard("train")
     progress = Progress(stage.epochs, enabled=ctx.rank == 0)
     began = time.monotonic()
-    for epoch in range(start, stage.epochs):
+    for epoch in range(at["epoch"], stage.epochs):
         progress.start_epoch()
         batches = shard.iter_batches(batch_size=cfg.train.batch_size // ctx.world,
                                      **epoch_batches_kwargs(cfg, epoch))
         for i, rows in enumerate(batches):
+            if i < at["batch"]:
+                continue
             program.step(to_batch(rows, ctx.device), ctx)
+            at["step"] += 1
+            if ctx.rank == 0:
+                fault_point(cfg, at["step"])
+            if at["step"] % cfg.scale.checkpoint_every_steps == 0:
+                _save(ctx, program, optimizers, {**at, "epoch": epoch, "batch": i + 1})
             progress.step(epoch, i + 1)
-        parts = program.end_epoch(epoch, ctx)
-        history.append({"epoch": epoch, **parts})
+        parts = {**program.end_epoch(epoch, ctx), **at.pop("resumed", {})}
+        at["history"].append({"epoch": epoch, **parts})
         progress.end_epoch(epoch, parts)
-        checkpoint.report(ctx.rank, {"epoch": epoch, **parts}, program.module, optimizers,
-                          {"epoch": epoch + 1, "history": history})
+        at.update(epoch=epoch + 1, batch=0)
+        _save(ctx, program, optimizers, at, {"epoch": epoch, **parts})
         if out_of_time(cfg.train.time_budget_s, began):
             break
+
+
+def _resume(program: Any, optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
+    """Where this stage stands: {"epoch", "batch" (done in it), "step", "history"}, loaded
+    with the program's module and optimisers from the latest checkpoint, if any."""
+    from safetensors.torch import load as st_load
+
+    from pipeline.distributed import checkpoint
+
+    saved = checkpoint.latest()
+    if saved is None:
+        return {"epoch": 0, "batch": 0, "step": 0, "history": []}
+    program.module.load_state_dict(st_load(saved.model_bytes))
+    for optimizer, state in zip(optimizers, saved.optimizers, strict=True):
+        optimizer.load_state_dict(state)
+    at = {k: saved.meta[k] for k in ("epoch", "batch", "step", "history")}
+    return {**at, "resumed": {"resumed_from_step": at["step"]}}
+
+
+def _save(ctx: Context, program: Any, optimizers: list[torch.optim.Optimizer],
+          at: dict[str, Any], metrics: dict[str, Any] | None = None) -> None:
+    from pipeline.distributed import checkpoint
+
+    meta = {k: at[k] for k in ("epoch", "batch", "step", "history")}
+    checkpoint.report(ctx.rank, metrics or {"step": at["step"]}, program.module, optimizers,
+                      meta)
 
 
 def train_stages(cfg: Config, input_uri: str, paths: RunPaths) -> TrainedModel:

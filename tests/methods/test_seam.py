@@ -75,13 +75,17 @@ def test_lloyd_program_is_lloyds_algorithm():
 
 def test_reference_and_ray_runner_agree(tiny, digits_shards, tmp_path):  # noqa: F811
     """Same seed, 1 worker: the partitions of the digits agree (NMI >= 0.99), and the Ray
-    run is a complete run (assignments, metrics, report) with no method-specific code."""
+    run is a complete run (assignments, metrics, report) with no method-specific code, even
+    though its worker is killed at step 5 (3 steps an epoch, a checkpoint every 2) and
+    resumes from a checkpoint."""
     from pipeline.methods.reference import LocalRunner, run_reference
     from pipeline.run import run
 
     out = str(tmp_path / "run")
     ref = run_reference(cfg_of(digits_shards, out), digits_shards)
-    metrics = run(cfg_of(digits_shards, out))
+    metrics = run(cfg_of(digits_shards, out, "debug.kill_worker_at_step=5",
+                         "scale.checkpoint_every_steps=2"))
+    assert os.path.exists(os.path.join(out, "checkpoints", "_fault-worker"))  # it was killed
     assert metrics["method"] == "tiny-kmeans" and metrics["n_images"] == 1797
     for name in ("report.html", "run.json", "stages/frozen-features.npz",
                  "stages/lloyd.safetensors"):
@@ -102,5 +106,9 @@ def test_reference_and_ray_runner_agree(tiny, digits_shards, tmp_path):  # noqa:
     with open(os.path.join(out, "history.json")) as fh:
         history = json.load(fh)
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    # resumed in epoch 1 from the last checkpoint Ray Train had registered before the kill:
+    # step 4 (mid-epoch) or, when the kill outran its upload, step 3 (epoch 0's end)
+    resumed = [h.get("resumed_from_step") for h in history]
+    assert resumed[0] is None and resumed[1] in (3, 4) and resumed[2:] == [None, None]
     assert history[-1]["sqdist"] <= history[0]["sqdist"]  # Lloyd never increases inertia
     assert metrics["nmi"] > 0.1  # random CNN features carry some digit identity (~0.19)

@@ -29,10 +29,25 @@ from pipeline.outputs import TrainedModel
 
 
 class Centroids(nn.Module):
+    """The program's whole state, as buffers (so a mid-epoch checkpoint keeps the sums):
+    centroids (k, d), this epoch's per-cluster sums (k, d), counts (k,) and squared
+    distances (1,)."""
+
     def __init__(self, init: np.ndarray):
         super().__init__()
+        c = torch.from_numpy(np.array(init, np.float32))
         self.centroids: torch.Tensor
-        self.register_buffer("centroids", torch.from_numpy(np.array(init, np.float32)))
+        self.sums: torch.Tensor
+        self.counts: torch.Tensor
+        self.sqdist: torch.Tensor
+        self.register_buffer("centroids", c)
+        self.register_buffer("sums", torch.zeros_like(c))
+        self.register_buffer("counts", torch.zeros(len(c)))
+        self.register_buffer("sqdist", torch.zeros(1))
+
+    def reset(self) -> None:
+        for buffer in (self.sums, self.counts, self.sqdist):
+            buffer.zero_()
 
 
 class Lloyd:
@@ -43,30 +58,26 @@ class Lloyd:
 
     def setup(self, ctx: Context) -> list[torch.optim.Optimizer]:
         self.module.to(ctx.device)
-        self._reset()
         return []
 
-    def _reset(self) -> None:
-        c = self.module.centroids
-        self.sums, self.counts = torch.zeros_like(c), torch.zeros(len(c), device=c.device)
-        self.sqdist = torch.zeros(1, device=c.device)
-
     def step(self, batch: dict[str, Any], ctx: Context) -> dict[str, float]:
+        m = self.module
         x = batch["feature"].float()
-        d2 = torch.cdist(x, self.module.centroids) ** 2  # (b, k)
+        d2 = torch.cdist(x, m.centroids) ** 2  # (b, k)
         nearest = d2.argmin(dim=1)
-        self.sums.index_add_(0, nearest, x)
-        self.counts += torch.bincount(nearest, minlength=len(self.counts)).float()
-        self.sqdist += d2.min(dim=1).values.sum()
+        m.sums.index_add_(0, nearest, x)
+        m.counts += torch.bincount(nearest, minlength=len(m.counts)).float()
+        m.sqdist += d2.min(dim=1).values.sum()
         return {}
 
     def end_epoch(self, epoch: int, ctx: Context) -> dict[str, float]:
-        sums, counts = ctx.all_reduce(self.sums), ctx.all_reduce(self.counts)
-        sqdist = ctx.all_reduce(self.sqdist)
+        m = self.module
+        sums, counts, sqdist = (ctx.all_reduce(t) for t in (m.sums, m.counts, m.sqdist))
         filled = counts > 0
-        self.module.centroids[filled] = sums[filled] / counts[filled, None]
-        self._reset()
-        return {"sqdist": float(sqdist / counts.sum()), "images": int(counts.sum())}
+        m.centroids[filled] = sums[filled] / counts[filled, None]
+        parts = {"sqdist": float(sqdist / counts.sum()), "images": int(counts.sum())}
+        m.reset()  # after reading: in one process all_reduce returns the buffers themselves
+        return parts
 
 
 def frozen_cnn(arch: dict[str, Any]) -> nn.Module:
