@@ -87,25 +87,6 @@ class ModelActor:
         return self.model(x).float()
 
 
-class EmbedActor(ModelActor):
-    """Stateful Ray Data UDF: decoded rows -> (id, feature (n, d) float32[, label]).
-
-    ``batch_stats`` normalises with each batch's BatchNorm statistics instead of the running
-    ones: for a model that was never trained, whose running statistics are meaningless.
-    """
-
-    def __init__(self, model_bytes: Any, arch: dict[str, Any], threads: float = 1.0,
-                 batch_stats: bool = False):
-        super().__init__(model_bytes, arch, threads)
-        if batch_stats:
-            self.model.train()
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        with torch.inference_mode():
-            features = self.embed(batch["pixels"]).cpu().numpy()
-        return {**{k: v for k, v in batch.items() if k != "pixels"}, "feature": features}
-
-
 class AssignActor(ModelActor):
     """Stateful Ray Data UDF: decoded rows -> assignment rows."""
 

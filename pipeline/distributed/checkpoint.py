@@ -38,14 +38,20 @@ class TrainState:
 
 def write(path: str, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
           meta: dict[str, Any], server: dict[str, Any] | None = None) -> None:
+    write_state(path, TrainState(save_bytes(model), [o.state_dict() for o in optimizers],
+                                 meta, server))
+
+
+def write_state(path: str, state: TrainState) -> None:
+    """``state`` into the directory ``path``, ``meta.json`` last."""
     with open(os.path.join(path, MODEL), "wb") as fh:
-        fh.write(save_bytes(model))
-    torch.save([o.state_dict() for o in optimizers], os.path.join(path, OPTIMIZERS))
-    if server is not None:
+        fh.write(state.model_bytes)
+    torch.save(state.optimizers, os.path.join(path, OPTIMIZERS))
+    if state.server is not None:
         with open(os.path.join(path, SERVER), "wb") as fh:
-            fh.write(pack_state(server))
+            fh.write(pack_state(state.server))
     with open(os.path.join(path, META), "w") as fh:
-        json.dump(meta, fh)
+        json.dump(state.meta, fh)
 
 
 def read(path: str) -> TrainState:

@@ -21,7 +21,7 @@ from pipeline.data.reader import (
 from pipeline.distributed.centroid_server import create_server
 from pipeline.distributed.train import fit
 from pipeline.kmeans.init import pool_size, seed_centroids
-from pipeline.methods.arch import build_model, model_arch
+from pipeline.methods.arch import initial_model, model_arch
 from pipeline.methods.online import initial_centroids
 from pipeline.models.weights import save_bytes
 from pipeline.outputs import RunPaths, TrainedModel
@@ -34,17 +34,6 @@ def store_kwargs(cfg: Config) -> dict[str, Any]:
     return {"num_workers": cfg.scale.workers, "drift_smoothing": c.drift_smoothing,
             "reseed_every": c.reseed_every, "reseed_ratio": c.reseed_ratio,
             "reservoir_size": c.reservoir_size, "seed": cfg.train.seed}
-
-
-def initial_model(cfg: Config) -> torch.nn.Module:
-    """The seeded initial model (workers build the same one; DDP also broadcasts rank 0's)."""
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg)
-    if cfg.model.weights:
-        from pipeline.models.loading import load_pretrained
-
-        load_pretrained(model, cfg.model.weights, cfg.s3)
-    return model
 
 
 def sample_centroids(cfg: Config, shards: Shards, model: torch.nn.Module) -> np.ndarray:

@@ -1,26 +1,43 @@
 """The shared stage runner on Ray: executes any method written as stages
 (:mod:`pipeline.methods.base`), so a new method needs no code in this package.
 
-* :class:`~pipeline.methods.base.Embed`: the decoded images (read once, materialised)
-  through a Ray Data actor pool (:func:`~pipeline.distributed.deepcluster.feature_pass`:
-  :class:`~pipeline.distributed.assign.EmbedActor`, GPU when present, with the driver-memory
-  guard). Saved as ``--output/stages/NAME.npz``; a re-run loads it.
-* :class:`~pipeline.methods.base.Train`: the shuffled training stream
-  (:func:`~pipeline.distributed.job.training_images`) with the stage's per-id arrays joined
-  by id (:class:`JoinArrays`), on Ray Train (:func:`~pipeline.distributed.train.trainer_result`:
-  DDP, FailureConfig restarts), in :func:`stage_loop`, one worker loop for every program:
-  the program's module and optimisers are checkpointed at every epoch end in the one format
-  (:mod:`pipeline.distributed.checkpoint`), a restarted worker group or a re-run resumes at
-  the next epoch, and ``train.time_budget_s`` stops every rank together. The result is saved
-  as ``--output/stages/NAME.safetensors`` (+ ``.json`` history); a re-run loads it.
+**One long-lived trainer.** Every stage of a run executes in one Ray Train run
+(:func:`serve`), started at the first stage that is not already saved: the driver's method
+generator posts each stage to a :class:`StageDesk` actor, every worker of the group takes
+it, runs it and delivers its part; the driver waits for the parts and sends the result back
+into the generator. So a method that loops (DeepCluster: a pass, a clustering, an epoch,
+per epoch) pays for starting workers, process groups and dataset iterators once per run,
+not once per stage (bench/epoch_overhead.py).
+
+* :class:`~pipeline.methods.base.Embed`: each worker embeds its share of the decoded images
+  (the ``embed`` dataset, split without dropping rows), GPU when present; the driver
+  concatenates the shares (refusing up front when they would not fit its memory:
+  :func:`~pipeline.distributed.features.check_feature_memory`), applies the stage's
+  ``reduce`` with :func:`scatter` (shards on Ray actors), and saves the result as
+  ``--output/stages/NAME.npz``.
+* :class:`~pipeline.methods.base.Train`: the shuffled training stream (the ``train``
+  dataset, :func:`~pipeline.distributed.job.training_images`) with the stage's per-id arrays
+  joined by id on the worker, in :func:`stage_loop`, the one worker loop of every program:
+  passes, learning rates, fault points, progress lines, ``train.time_budget_s``, and a
+  checkpoint in the one format (:mod:`pipeline.distributed.checkpoint`) every
+  ``scale.checkpoint_every_steps`` and at each epoch end. A restarted worker group
+  (``FailureConfig``) or a re-run resumes the stage from its latest checkpoint. The result
+  is saved as ``--output/stages/NAME/`` in that same format.
+
+A re-run loads every saved stage without starting a trainer for it.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import asyncio
 import io
 import json
+import logging
+import os
+import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -29,18 +46,170 @@ import torch
 from pipeline import methods
 from pipeline.config import Config
 from pipeline.data import fs as fsx
-from pipeline.data.reader import decode_spec, find_shards, read_images
-from pipeline.distributed.features import feature_pass, join_udf
+from pipeline.data.fs import Location
+from pipeline.data.reader import Shards, decode_spec, find_shards, read_images
+from pipeline.distributed import checkpoint
+from pipeline.distributed.features import check_feature_memory
 from pipeline.methods.base import (
     Context,
     Embed,
     PerId,
+    Stage,
     Train,
     TrainResult,
     drive,
+    set_lr,
     to_batch,
 )
 from pipeline.outputs import RunPaths, TrainedModel
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------
+# Driver and workers meet at the desk.
+
+
+class StageDesk:
+    """Async actor between the driver and the long-lived worker group: one stage in flight.
+
+    The driver :meth:`post`\\ s stage ``i`` and awaits :meth:`result`; each worker awaits
+    :meth:`take` (no polling), runs the stage and :meth:`deliver`\\ s its part. A restarted
+    worker group takes the stage in flight again; it starts with :meth:`new_generation`,
+    which drops the dead group's partial parts, and deliveries of an older generation that
+    land late are ignored."""
+
+    def __init__(self) -> None:
+        self.current: tuple[int, list[Any]] | None = None
+        self.parts: dict[int, Any] = {}
+        self.generation = 0
+        self.stopped, self.error = False, ""
+        self.changed = asyncio.Condition()
+
+    async def post(self, i: int, boxed: list[Any]) -> None:
+        async with self.changed:
+            self.current, self.parts = (i, boxed), {}
+            self.changed.notify_all()
+
+    async def take(self, after: int) -> tuple[int, list[Any]] | None:
+        """The stage in flight once it is newer than ``after``; None when the run is over."""
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.stopped or (
+                self.current is not None and self.current[0] > after))
+            return None if self.stopped else self.current
+
+    async def new_generation(self) -> int:
+        async with self.changed:
+            self.generation += 1
+            self.parts = {}
+            return self.generation
+
+    async def deliver(self, i: int, generation: int, rank: int, part: Any) -> None:
+        async with self.changed:
+            if generation == self.generation and self.current and self.current[0] == i:
+                self.parts[rank] = part
+                self.changed.notify_all()
+
+    async def result(self, i: int, need: int) -> dict[str, Any]:
+        """{"parts": by rank} once ``need`` ranks delivered stage ``i``, or {"error": ...}."""
+        async with self.changed:
+            await self.changed.wait_for(lambda: bool(self.error) or len(self.parts) >= need)
+            if self.error:
+                return {"error": self.error}
+            parts, self.current, self.parts = self.parts, None, {}
+            return {"parts": [parts[r] for r in sorted(parts)]}
+
+    async def fail(self, error: str) -> None:
+        async with self.changed:
+            self.error = error
+            self.changed.notify_all()
+
+    async def stop(self) -> None:
+        async with self.changed:
+            self.stopped = True
+            self.changed.notify_all()
+
+
+class LongLivedTrainer:
+    """The run's one Ray Train run (:func:`serve`), fitted in a background thread from the
+    first :meth:`run` to :meth:`close`."""
+
+    def __init__(self, cfg: Config, datasets: Callable[[], dict[str, Any]], storage: Location):
+        self.cfg, self.datasets, self.storage = cfg, datasets, storage
+        self.desk: Any = None
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.posted = 0
+
+    def run(self, stage: Stage) -> list[Any]:
+        """Every rank's part of ``stage`` (rank 0's alone for a train stage)."""
+        import ray
+
+        if self.thread is None:
+            self._start()
+        self.posted += 1
+        ray.get(self.desk.post.remote(self.posted, [ray.put(stage)]))
+        need = self.cfg.scale.workers if isinstance(stage, Embed) else 1
+        got = ray.get(self.desk.result.remote(self.posted, need))
+        if "error" in got:
+            raise RuntimeError(f"stage {stage.name}: {got['error']}") from self.error
+        parts: list[Any] = got["parts"]
+        return parts
+
+    def _start(self) -> None:
+        import ray
+
+        from pipeline.distributed.train import make_trainer
+
+        self.desk = ray.remote(num_cpus=0)(StageDesk).remote()
+        trainer = make_trainer(self.cfg, serve, {"cfg": self.cfg, "desk": self.desk},
+                               self.datasets(), self.storage, "stages",
+                               data_config=_split_config())
+        self.thread = threading.Thread(target=self._fit, args=(trainer,), daemon=True,
+                                       name="stage-trainer")
+        self.thread.start()
+
+    def _fit(self, trainer: Any) -> None:
+        try:
+            trainer.fit()
+            message = "the worker group stopped before the stage finished"
+        except BaseException as exc:  # noqa: BLE001 (handed to the driver's thread)
+            self.error, message = exc, f"training failed: {exc}"
+        self.desk.fail.remote(message)
+
+    def close(self) -> None:
+        """Let the workers finish and the Ray Train run end; raises what it raised."""
+        if self.thread is None:
+            return
+        self.desk.stop.remote()
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _split_config() -> Any:
+    """Ray Train's dataset config: ``train`` split equally over the workers (a step is a
+    barrier), ``embed`` split without dropping a row (every image gets a feature)."""
+    from ray.train import DataConfig
+
+    class Split(DataConfig):  # type: ignore[misc]
+        def configure(self, datasets: dict[str, Any], world_size: int, *args: Any,
+                      **kwargs: Any) -> list[dict[str, Any]]:
+            # Ray Train V2 configures one dataset per call.
+            rest = {k: v for k, v in datasets.items() if k != "embed"}
+            out: list[dict[str, Any]] = super().configure(rest, world_size, *args, **kwargs)
+            if "embed" in datasets:
+                embed = datasets["embed"].copy(datasets["embed"])
+                embed.context.execution_options = self._resolve_execution_options("embed")
+                for i, split in enumerate(embed.streaming_split(world_size, equal=False)):
+                    out[i]["embed"] = split
+            return out
+
+    return Split(datasets_to_split=["train", "embed"])
+
+
+# ------------------------------------------------------------------------------------------
+# Driver side.
 
 
 class RayRunner:
@@ -49,56 +218,165 @@ class RayRunner:
     def __init__(self, cfg: Config, input_uri: str, paths: RunPaths):
         self.cfg, self.input_uri, self.paths = cfg, input_uri, paths
         self.shards = find_shards(input_uri, cfg.s3)
-        self._images: Any = None
         self.dir = paths.root.join("stages")
+        self.trainer = LongLivedTrainer(cfg, self._datasets, paths.checkpoints)
+        self.names: set[str] = set()
+        self._rows: int | None = None
 
-    def images(self) -> Any:
-        """The decoded images (id, pixels[, label]), materialised once for every pass."""
-        if self._images is None:
-            ds = read_images(self.input_uri, decode_spec(self.cfg), s3=self.cfg.s3,
-                             batch_size=self.cfg.data.decode_batch_size)
-            columns = ["id", "pixels"] + (["label"] if self.shards.has_label else [])
-            self._images = ds.select_columns(columns).materialize()
-        return self._images
+    def _datasets(self) -> dict[str, Any]:
+        """``train``: the shuffled training stream; ``embed``: the decoded images in stored
+        order (with ``data.cache_decoded`` both come from one materialised copy)."""
+        from pipeline.distributed.job import training_images
+
+        columns = ["id", "pixels"] + (["label"] if self.shards.has_label else [])
+        train = training_images(self.cfg, self.input_uri, self.shards, ["id", "pixels"])
+        embed = read_images(self.input_uri, decode_spec(self.cfg), s3=self.cfg.s3,
+                            batch_size=self.cfg.data.decode_batch_size)
+        return {"train": train, "embed": embed.select_columns(columns)}
+
+    def _claim(self, name: str) -> None:
+        if name in self.names or not name or "/" in name:
+            raise ValueError(f"stage names must be unique and plain; got {name!r} twice")
+        self.names.add(name)
 
     def embed(self, stage: Embed) -> PerId:
+        self._claim(stage.name)
         saved = self.dir.join(f"{stage.name}.npz")
         if fsx.exists(saved):
-            with np.load(io.BytesIO(fsx.read_bytes(saved)), allow_pickle=False) as f:
-                return PerId(f["ids"], {"feature": f["feature"]},
-                             f["labels"] if "labels" in f.files else None)
-        images = self.images()
-        found = feature_pass(images, stage.model, self.cfg, images.count(),
-                             untrained=stage.batch_stats, arch=stage.arch)
-        result = PerId(found.ids, {"feature": found.x}, found.truth).sorted()
-        arrays = {"ids": result.ids, "feature": result.arrays["feature"]}
-        if result.labels is not None:
-            arrays["labels"] = result.labels
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)  # type: ignore[arg-type]
-        fsx.write_bytes_atomic(saved, buf.getvalue())
+            return load_per_id(saved)
+        check_feature_memory(self.rows(), stage.arch["feature_dim"], self.cfg)
+        t0 = time.perf_counter()
+        found = PerId.concat(self.trainer.run(stage))
+        found.facts["embed_s"] = time.perf_counter() - t0
+        result = found if stage.reduce is None else stage.reduce(found, scatter)
+        save_per_id(saved, result)
         return result
 
     def train(self, stage: Train) -> TrainResult:
-        from safetensors.torch import load as st_load
+        self._claim(stage.name)
+        saved = self.dir.join(stage.name)
+        if not fsx.exists(saved.join(checkpoint.META)):
+            state: checkpoint.TrainState = self.trainer.run(stage)[0]
+            save_train_state(saved, state)
+        return load_train_result(saved)
 
-        from pipeline.distributed.job import training_images
-        from pipeline.distributed.train import trainer_result
+    def rows(self) -> int:
+        """Rows in the input (Parquet footers), for the memory guard."""
+        if self._rows is None:
+            self._rows = count_rows(self.shards)
+        return self._rows
 
-        weights, history = (self.dir.join(f"{stage.name}{ext}") for ext in
-                            (".safetensors", ".json"))
-        if not fsx.exists(weights):
-            data = training_images(self.cfg, self.input_uri, self.shards, ["id", "pixels"])
-            if stage.join:
-                data = data.map_batches(join_udf(stage.join), batch_format="numpy")
-            bare = dataclasses.replace(stage, join={})  # the arrays travel by reference
-            state = trainer_result(self.cfg, stage_loop, {"cfg": self.cfg, "stage": bare},
-                                   data, self.paths.checkpoints, stage.name)
-            fsx.write_bytes_atomic(history, json.dumps(state.meta["history"]).encode())
-            fsx.write_bytes_atomic(weights, state.model_bytes)  # last: marks the stage done
-        tensors = st_load(fsx.read_bytes(weights))
-        return TrainResult({k: v.numpy() for k, v in tensors.items()},
-                           json.loads(fsx.read_bytes(history)))
+    def close(self) -> None:
+        self.trainer.close()
+
+
+def count_rows(shards: Shards) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.parquet as pq
+
+    def rows(path: str) -> int:
+        return int(pq.ParquetFile(path, filesystem=shards.location.fs).metadata.num_rows)
+
+    with ThreadPoolExecutor(8) as pool:
+        return sum(pool.map(rows, shards.files))
+
+
+def save_per_id(loc: Location, table: PerId) -> None:
+    """An Embed stage's result as one .npz: ``ids``, ``a/NAME``, ``x/NAME``, ``labels``,
+    ``facts`` (JSON)."""
+    arrays = {"ids": table.ids, "facts": np.asarray(json.dumps(table.facts)),
+              **{f"a/{k}": v for k, v in table.arrays.items()},
+              **{f"x/{k}": v for k, v in table.extra.items()}}
+    if table.labels is not None:
+        arrays["labels"] = table.labels
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    fsx.write_bytes_atomic(loc, buf.getvalue())
+
+
+def load_per_id(loc: Location) -> PerId:
+    with np.load(io.BytesIO(fsx.read_bytes(loc)), allow_pickle=False) as f:
+        def group(prefix: str) -> dict[str, np.ndarray]:
+            return {k[2:]: f[k] for k in f.files if k.startswith(prefix)}
+
+        return PerId(f["ids"], group("a/"), f["labels"] if "labels" in f.files else None,
+                     group("x/"), json.loads(str(f["facts"])))
+
+
+def save_train_state(loc: Location, state: checkpoint.TrainState) -> None:
+    """A finished train stage in the checkpoint format, ``meta.json`` last (marks it done)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint.write_state(tmp, state)
+        for name in (checkpoint.MODEL, checkpoint.OPTIMIZERS, checkpoint.META):
+            with open(os.path.join(tmp, name), "rb") as fh:
+                fsx.write_bytes_atomic(loc.join(name), fh.read())
+
+
+def load_train_result(loc: Location) -> TrainResult:
+    from safetensors.torch import load as st_load
+
+    meta = json.loads(fsx.read_bytes(loc.join(checkpoint.META)))
+    optimizers = torch.load(io.BytesIO(fsx.read_bytes(loc.join(checkpoint.OPTIMIZERS))),
+                            weights_only=True)
+    tensors = st_load(fsx.read_bytes(loc.join(checkpoint.MODEL)))
+    return TrainResult({k: v.numpy() for k, v in tensors.items()}, meta["history"], optimizers)
+
+
+class RemoteShards(list[Any]):
+    """:class:`~pipeline.methods.base.Shards` on Ray actors (num_cpus=0), one per part:
+    ``call_all`` runs a method on all of them in parallel."""
+
+    def __init__(self, factory: Callable[[np.ndarray], Any], parts: list[np.ndarray]):
+        import ray
+
+        actor = ray.remote(num_cpus=0)(factory)
+        super().__init__(_Proxy(actor.remote(ray.put(np.ascontiguousarray(p)))) for p in parts)
+
+    def call_all(self, method: str, *args: Any) -> list[Any]:
+        import ray
+
+        return ray.get([getattr(p.actor, method).remote(*args) for p in self])
+
+    def close(self) -> None:
+        import ray
+
+        for p in self:
+            ray.kill(p.actor)
+        self.clear()
+
+
+class _Proxy:
+    """One remote object, its methods called synchronously."""
+
+    def __init__(self, actor: Any):
+        self.actor = actor
+
+    def __getattr__(self, method: str) -> Any:
+        import ray
+
+        remote = getattr(self.actor, method)
+        return lambda *args: ray.get(remote.remote(*args))
+
+
+def scatter(factory: Callable[[np.ndarray], Any], parts: list[np.ndarray]) -> RemoteShards:
+    """The Ray runner's :data:`~pipeline.methods.base.Scatter`."""
+    return RemoteShards(factory, parts)
+
+
+def train_stages(cfg: Config, input_uri: str, paths: RunPaths) -> TrainedModel:
+    """The ``trainer`` of every method written as stages (:func:`pipeline.methods.staged`)."""
+    stages = methods.get(cfg.method).stages_fn()(cfg)
+    runner = RayRunner(cfg, input_uri, paths)
+    try:
+        trained: TrainedModel = drive(stages, runner)
+    finally:
+        runner.close()
+    return trained
+
+
+# ------------------------------------------------------------------------------------------
+# Worker side.
 
 
 def ray_context() -> Context:
@@ -129,62 +407,149 @@ def ray_context() -> Context:
                    all_gather, ray.train.torch.prepare_model)
 
 
-def stage_loop(config: dict[str, Any]) -> None:
-    """Ray Train entry point of every train stage: ``config`` = {"cfg", "stage"}.
+def serve(config: dict[str, Any]) -> None:
+    """Ray Train entry point of the long-lived trainer: take stages from the desk until the
+    driver stops it. ``config`` = {"cfg", "desk"}."""
+    import ray
+    import ray.train
+
+    from pipeline.distributed.runtime import setup_worker
+
+    cfg: Config = config["cfg"]
+    desk = config["desk"]
+    setup_worker(cfg.scale.threads_per_worker or cfg.scale.cpus_per_worker)
+    ctx = ray_context()
+    mine = ray.get(desk.new_generation.remote()) if ctx.rank == 0 else 0
+    generation = int(ctx.all_reduce(torch.tensor([mine], device=ctx.device)).item())
+    shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "embed")}
+    after = -1
+    while (taken := ray.get(desk.take.remote(after))) is not None:
+        after, (ref,) = taken
+        stage = ray.get(ref)
+        if isinstance(stage, Embed):
+            part: Any = embed_share(cfg, stage, shards["embed"], ctx)
+        else:
+            part = stage_loop(cfg, stage, shards["train"], ctx)
+        if part is not None:
+            ray.get(desk.deliver.remote(after, generation, ctx.rank, part))
+
+
+def embed_share(cfg: Config, stage: Embed, shard: Any, ctx: Context) -> PerId:
+    """This worker's share of the pass: features (n, d) in ``deepcluster.feature_dtype``
+    (fp16 autocast on CUDA), unsorted."""
+    from pipeline.models.arch import load_model
+
+    model = load_model(stage.model, stage.arch, ctx.device)
+    if stage.batch_stats:
+        model.train()
+    dtype = np.float16 if cfg.deepcluster.feature_dtype == "float16" else np.float32
+    ids, feats, labels = [], [], []
+    cuda = ctx.device.type == "cuda"
+    with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=cuda):
+        for b in shard.iter_batches(batch_size=cfg.cluster.assign_batch_size,
+                                    batch_format="numpy"):
+            x = torch.from_numpy(np.asarray(b["pixels"], np.float32)).to(ctx.device)
+            feats.append(model(x).float().cpu().numpy().astype(dtype))
+            ids.append(np.asarray(b["id"]).astype(str))
+            if "label" in b:
+                labels.append(np.asarray(b["label"]).astype(str))
+    d = int(stage.arch["feature_dim"])
+    return PerId(np.concatenate(ids) if ids else np.array([], str),
+                 {"feature": np.concatenate(feats) if feats else np.zeros((0, d), dtype)},
+                 np.concatenate(labels) if labels else None)
+
+
+def stage_loop(cfg: Config, stage: Train, shard: Any, ctx: Context
+               ) -> checkpoint.TrainState | None:
+    """The one worker loop of every train stage -> the final state (rank 0; else None).
 
     Checkpoints every ``scale.checkpoint_every_steps`` steps and at each epoch end; after a
     restart the interrupted epoch replays its remaining number of steps on a freshly
     shuffled stream (Ray Data iterators cannot resume mid-stream), and the first epoch row
     after a resume records ``resumed_from_step``. ``debug.kill_worker_at_step`` kills rank 0
     once, for the fault tests."""
-    import ray.train
+    from pipeline.distributed.train import fault_point, out_of_time
+    from pipeline.progress import Progress
 
-    from pipeline.distributed.runtime import setup_worker
-    from pipeline.distributed.train import Progress, epoch_batches_kwargs, fault_point, out_of_time
-
-    cfg: Config = config["cfg"]
-    stage: Train = config["stage"]
-    setup_worker(cfg.scale.threads_per_worker or cfg.scale.cpus_per_worker)
     torch.manual_seed(cfg.train.seed)
-    ctx = ray_context()
     program = stage.program
     optimizers = program.setup(ctx)
-    at = _resume(program, optimizers)
-    shard = ray.train.get_dataset_shard("train")
-    progress = Progress(stage.epochs, enabled=ctx.rank == 0)
+    at = _resume(stage.name, program, optimizers)
+    join = _Join(stage.join)
+    progress = Progress(stage.epochs, enabled=ctx.rank == 0, label=stage.name)
     began = time.monotonic()
+    local = cfg.train.batch_size // ctx.world
     for epoch in range(at["epoch"], stage.epochs):
         progress.start_epoch()
-        batches = shard.iter_batches(batch_size=cfg.train.batch_size // ctx.world,
-                                     **epoch_batches_kwargs(cfg, epoch))
-        for i, rows in enumerate(batches):
+        if stage.lr is not None:
+            set_lr(optimizers, stage.lr[epoch])
+        t0, seen = time.perf_counter(), 0
+        for i, rows in enumerate(_passes(shard, local, stage.passes, cfg, epoch)):
             if i < at["batch"]:
                 continue
-            program.step(to_batch(rows, ctx.device), ctx)
-            at["step"] += 1
+            program.step(to_batch(join(rows), ctx.device), ctx)
+            at["step"], seen = at["step"] + 1, seen + len(rows["id"])
             if ctx.rank == 0:
                 fault_point(cfg, at["step"])
             if at["step"] % cfg.scale.checkpoint_every_steps == 0:
-                _save(ctx, program, optimizers, {**at, "epoch": epoch, "batch": i + 1})
+                _save(ctx, stage.name, program, optimizers, {**at, "epoch": epoch,
+                                                             "batch": i + 1})
             progress.step(epoch, i + 1)
-        parts = {**program.end_epoch(epoch, ctx), **at.pop("resumed", {})}
+        parts = {**program.end_epoch(epoch, ctx), **at.pop("resumed", {}),
+                 "images_per_s": seen * ctx.world / max(1e-9, time.perf_counter() - t0)}
         at["history"].append({"epoch": epoch, **parts})
-        progress.end_epoch(epoch, parts)
+        if stage.epochs > 1:  # a one-epoch stage's method says how it went
+            progress.end_epoch(epoch, parts)
         at.update(epoch=epoch + 1, batch=0)
-        _save(ctx, program, optimizers, at, {"epoch": epoch, **parts})
+        _save(ctx, stage.name, program, optimizers, at, {"epoch": epoch, **parts})
         if out_of_time(cfg.train.time_budget_s, began):
             break
+    if ctx.rank != 0:
+        return None
+    return checkpoint.TrainState(_model_bytes(program.module),
+                                 [o.state_dict() for o in optimizers], _meta(stage.name, at))
 
 
-def _resume(program: Any, optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
-    """Where this stage stands: {"epoch", "batch" (done in it), "step", "history"}, loaded
-    with the program's module and optimisers from the latest checkpoint, if any."""
+def _passes(shard: Any, batch: int, passes: int, cfg: Config, epoch: int) -> Iterator[Any]:
+    from pipeline.distributed.train import epoch_batches_kwargs
+
+    for p in range(passes):
+        yield from shard.iter_batches(batch_size=batch, **epoch_batches_kwargs(cfg, epoch, p))
+
+
+class _Join:
+    """Adds the stage's per-id arrays to each batch, by id (on the worker: the arrays came
+    with the stage, once)."""
+
+    def __init__(self, join: dict[str, PerId]):
+        self.join = join
+
+    def __call__(self, rows: dict[str, Any]) -> dict[str, Any]:
+        if not self.join:
+            return rows
+        ids = np.asarray(rows["id"]).astype(str)
+        return {**rows, **{name: table.take(ids, name) for name, table in self.join.items()}}
+
+
+def _model_bytes(module: torch.nn.Module) -> bytes:
+    from pipeline.models.weights import save_bytes
+
+    return save_bytes(module)
+
+
+def _meta(name: str, at: dict[str, Any]) -> dict[str, Any]:
+    return {"stage": name, **{k: at[k] for k in ("epoch", "batch", "step", "history")}}
+
+
+def _resume(name: str, program: Any, optimizers: list[torch.optim.Optimizer]
+            ) -> dict[str, Any]:
+    """Where stage ``name`` stands: {"epoch", "batch" (done in it), "step", "history"},
+    loaded with the program's module and optimisers from the latest checkpoint when that
+    checkpoint is this stage's."""
     from safetensors.torch import load as st_load
 
-    from pipeline.distributed import checkpoint
-
     saved = checkpoint.latest()
-    if saved is None:
+    if saved is None or saved.meta.get("stage") != name:
         return {"epoch": 0, "batch": 0, "step": 0, "history": []}
     program.module.load_state_dict(st_load(saved.model_bytes))
     for optimizer, state in zip(optimizers, saved.optimizers, strict=True):
@@ -193,17 +558,7 @@ def _resume(program: Any, optimizers: list[torch.optim.Optimizer]) -> dict[str, 
     return {**at, "resumed": {"resumed_from_step": at["step"]}}
 
 
-def _save(ctx: Context, program: Any, optimizers: list[torch.optim.Optimizer],
+def _save(ctx: Context, name: str, program: Any, optimizers: list[torch.optim.Optimizer],
           at: dict[str, Any], metrics: dict[str, Any] | None = None) -> None:
-    from pipeline.distributed import checkpoint
-
-    meta = {k: at[k] for k in ("epoch", "batch", "step", "history")}
     checkpoint.report(ctx.rank, metrics or {"step": at["step"]}, program.module, optimizers,
-                      meta)
-
-
-def train_stages(cfg: Config, input_uri: str, paths: RunPaths) -> TrainedModel:
-    """The ``trainer`` of every method written as stages (:func:`pipeline.methods.staged`)."""
-    stages = methods.get(cfg.method).stages_fn()(cfg)
-    trained: TrainedModel = drive(stages, RayRunner(cfg, input_uri, paths))
-    return trained
+                      _meta(name, at))

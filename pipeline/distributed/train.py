@@ -14,7 +14,6 @@ command continues where it stopped (RAY_NOTES: Train).
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from pipeline.distributed.runtime import setup_worker, verbose
 from pipeline.kmeans.sharded import centroids_of
 from pipeline.methods.arch import build_model
 from pipeline.methods.online import OnlineLossSpec, OnlineWorker, make_optimizer
+from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -209,60 +209,22 @@ def _batches(shard: Any, batch_size: int, kwargs: dict[str, Any]) -> Iterator[An
         yield (x, b["label"]) if "label" in b else x
 
 
-class Progress:
-    """Rank 0's progress lines: one per epoch, plus one every ``every_s`` within long epochs.
-
-    Written to the process's real stdout, which Ray forwards to the driver's console as it
-    happens (Ray Train routes ``print`` through its logger, which would double them).
-    """
-
-    def __init__(self, epochs: int, enabled: bool, every_s: float = 30.0):
-        self.epochs, self.enabled, self.every_s = epochs, enabled, every_s
-        self.t0 = self.last = time.perf_counter()
-
-    def start_epoch(self) -> None:
-        self.t0 = self.last = time.perf_counter()
-
-    def step(self, epoch: int, steps: int) -> None:
-        now = time.perf_counter()
-        if self.enabled and now - self.last >= self.every_s:
-            self.last = now
-            _say(f"epoch {epoch + 1}/{self.epochs}  step {steps}  {now - self.t0:.0f} s")
-
-    def end_epoch(self, epoch: int, parts: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        line = f"epoch {epoch + 1}/{self.epochs}"
-        for key, fmt in (("loss", "loss {:.4f}"), ("sqdist", "sqdist {:.4f}"),
-                         ("nmi", "NMI {:.3f}"), ("acc", "ACC {:.3f}"),
-                         ("images_per_s", "{:,.0f} images/s")):
-            if key in parts:
-                line += "  " + fmt.format(parts[key])
-        _say(f"{line}  ({time.perf_counter() - self.t0:.1f} s)")
-
-
-def _say(line: str) -> None:
-    out = sys.__stdout__
-    if out is not None:
-        out.write(line + "\n")
-        out.flush()
-
-
 # ------------------------------------------------------------------------------------------
 # Driver side.
 
 
-def trainer_result(cfg: Config, loop: Any, config: dict[str, Any], train_ds: Any,
-                   storage: Any, name: str) -> checkpoint.TrainState:
-    """Run (or resume: same ``name`` under ``storage``) a TorchTrainer for ``cfg``: DDP
-    (gloo on CPU, nccl on GPU), FailureConfig restarts, quiet logs. -> its final state."""
+def make_trainer(cfg: Config, loop: Any, config: dict[str, Any], datasets: dict[str, Any],
+                 storage: Any, name: str, data_config: Any = None) -> Any:
+    """A TorchTrainer for ``cfg`` (resumes the run ``name`` under ``storage`` when it exists):
+    DDP (gloo on CPU, nccl on GPU), FailureConfig restarts, quiet logs."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     resources: dict[str, float] = {"CPU": cfg.scale.cpus_per_worker}
     if cfg.scale.gpu:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
+    extra = {} if data_config is None else {"dataset_config": data_config}
+    return TorchTrainer(
         loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=cfg.scale.workers, use_gpu=cfg.scale.gpu,
                                      resources_per_worker=resources),
@@ -271,11 +233,17 @@ def trainer_result(cfg: Config, loop: Any, config: dict[str, Any], train_ds: Any
             failure_config=FailureConfig(max_failures=cfg.scale.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig("INFO" if verbose() else "WARNING")),  # type: ignore[call-arg]
-        datasets={"train": train_ds},
+        datasets=datasets,
         torch_config=TorchConfig(backend="nccl" if cfg.scale.gpu else "gloo",
                                  timeout_s=cfg.scale.collective_timeout_s),
+        **extra,
     )
-    result = trainer.fit()
+
+
+def trainer_result(cfg: Config, loop: Any, config: dict[str, Any], train_ds: Any,
+                   storage: Any, name: str) -> checkpoint.TrainState:
+    """Run (or resume) :func:`make_trainer` over ``train_ds`` -> its final checkpoint."""
+    result = make_trainer(cfg, loop, config, {"train": train_ds}, storage, name).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training under {storage.uri}/{name} finished without a checkpoint")
     return checkpoint.of(result.checkpoint)
@@ -291,37 +259,7 @@ def fit(cfg: Config, train_ds: Any, server: dict[str, Any], storage: Any,
                         state.meta["history"])
 
 
-# ------------------------------------------------------------------------------------------
-# Plain (model, optimisers, progress) checkpoints for methods without a centroid server.
-
-
 def fault_point(cfg: Config, step: int) -> None:
     """``debug.kill_worker_at_step``: exit this worker once when ``step`` reaches it."""
     if step == cfg.debug.kill_worker_at_step:
         fault_once(fsx.locate(cfg.data.output, cfg.s3).join("checkpoints", "_fault-worker"))
-
-
-def save_state(rank: int, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
-               step: int, losses: list[float], metrics: dict[str, Any] | None = None) -> None:
-    """Report progress on every rank, with a checkpoint of the model, optimisers and ``step``
-    (batches done in this run; -1 = finished, with its ``metrics``)."""
-    checkpoint.report(rank, {"step": step, **(metrics or {})}, model, optimizers,
-                      {"step": step, "losses": losses, "metrics": metrics})
-
-
-def restore_state(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]
-                  ) -> tuple[int, list[float], dict[str, Any] | None]:
-    """Load the latest :func:`save_state` checkpoint, if any.
-    -> (batches to skip, losses so far, final metrics if the run had finished)."""
-    from safetensors.torch import load as st_load
-
-    state = checkpoint.latest()
-    if state is None:
-        return 0, [], None
-    model.load_state_dict(st_load(state.model_bytes))
-    for optimizer, saved in zip(optimizers, state.optimizers, strict=True):
-        optimizer.load_state_dict(saved)
-    meta = state.meta
-    log.info("resumed after %d batches", meta["step"])
-    done = meta["metrics"] if meta["step"] < 0 else None
-    return max(0, meta["step"]), meta["losses"], done

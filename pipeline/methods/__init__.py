@@ -11,7 +11,7 @@ A method is one module in this package (its algorithm, no Ray), a config section
 * ``stages``: ``module:function`` ``(cfg) -> generator of stages`` (:mod:`pipeline.methods.base`),
   which the shared runners execute: :func:`pipeline.distributed.runner.train_stages` on Ray,
   :func:`pipeline.methods.reference.run_reference` in one process. :func:`staged` writes
-  such a line. ``online`` and ``deepcluster`` still have their own ``trainer``;
+  such a line. ``online`` still has its own ``trainer``;
 * ``trainer``: ``module:function`` with signature ``(cfg, input_uri, paths) -> TrainedModel``
   that trains it on Ray (:mod:`pipeline.distributed`); the export is a model and centroids
   such that nearest-centroid assignment is the method's own cluster rule, so the assign job,
@@ -77,9 +77,8 @@ REGISTRY: dict[str, MethodInfo] = {
         "online", "Hsu & Lin 2017", "pipeline.methods.online",
         "pipeline.distributed.job:train_online",
         reads=("online.", "train.warmup_epochs", *_CENTROID_SERVER)),
-    "deepcluster": MethodInfo(
+    "deepcluster": staged(
         "deepcluster", "Caron et al. 2018", "pipeline.methods.deepcluster",
-        "pipeline.distributed.deepcluster:train_deepcluster",
         reads=("deepcluster.", "train.lr_schedule"),
         arch="pipeline.methods.deepcluster:adapt_arch"),
 }

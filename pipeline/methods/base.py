@@ -2,8 +2,10 @@
 
 A method is a generator of **stages** (:func:`drive` runs it on a runner):
 
-* :class:`Embed` -- a full pass of every image through a model; the runner sends back a
-  :class:`PerId` (features by image id). Saved, and skipped when present.
+* :class:`Embed` -- a full pass of every image through a model, on the workers; the runner
+  sends back a :class:`PerId` (features by image id), or what the stage's ``reduce`` makes
+  of it on the driver (DeepCluster's clustering, with its k-means spread over feature
+  shards by the runner's :data:`Scatter`). Saved, and skipped when present.
 * :class:`Train` -- epochs of steps of a :class:`Program` over the shuffled stream, with
   per-id arrays of earlier stages joined into each batch; the runner sends back a
   :class:`TrainResult` (the program's final state and per-epoch metrics).
@@ -61,11 +63,22 @@ class PerId:
     ids: np.ndarray
     arrays: dict[str, np.ndarray]
     labels: np.ndarray | None = None
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # not per id (centroids, ...)
+    facts: dict[str, float] = field(default_factory=dict)  # figures for the history
 
     def sorted(self) -> PerId:
         order = np.argsort(self.ids, kind="stable")
         return PerId(self.ids[order], {k: v[order] for k, v in self.arrays.items()},
-                     None if self.labels is None else self.labels[order])
+                     None if self.labels is None else self.labels[order], self.extra,
+                     self.facts)
+
+    @staticmethod
+    def concat(parts: list[PerId]) -> PerId:
+        """The rows of every part (the workers' shares of a pass), sorted by id."""
+        labels = [p.labels for p in parts if p.labels is not None]
+        return PerId(np.concatenate([p.ids for p in parts]),
+                     {k: np.concatenate([p.arrays[k] for p in parts]) for k in parts[0].arrays},
+                     np.concatenate(labels) if labels else None).sorted()
 
     def take(self, ids: np.ndarray, name: str) -> np.ndarray:
         """``arrays[name]`` rows of ``ids`` (each must be present; ``ids`` sorted here)."""
@@ -96,33 +109,75 @@ class Program(Protocol):
     def end_epoch(self, epoch: int, ctx: Context) -> dict[str, float]: ...
 
 
+class Shards(Protocol):
+    """Objects each holding one part of an array, whose methods the driver calls: in this
+    process, or on Ray actors in parallel (faiss ``contrib/clustering.py``'s pattern)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> Any: ...
+
+    def call_all(self, method: str, *args: Any) -> list[Any]: ...
+
+    def close(self) -> None: ...
+
+
+# (factory, parts) -> Shards holding factory(part) for each part.
+Scatter = Callable[[Callable[[np.ndarray], Any], list[np.ndarray]], Shards]
+
+
+class LocalShards(list[Any]):
+    """:class:`Shards` in this process (the reference runner's :data:`Scatter`)."""
+
+    @classmethod
+    def scatter(cls, factory: Callable[[np.ndarray], Any], parts: list[np.ndarray]
+                ) -> LocalShards:
+        return cls(factory(p) for p in parts)
+
+    def call_all(self, method: str, *args: Any) -> list[Any]:
+        return [getattr(s, method)(*args) for s in self]
+
+    def close(self) -> None:
+        self.clear()
+
+
 @dataclass
 class Embed:
-    """A full pass: features of every image under ``model`` (safetensors + arch record)."""
+    """A full pass: features (n, d) of every image under ``model`` (safetensors + arch
+    record), as :class:`PerId` ``arrays["feature"]``; ``reduce(features, scatter)`` turns
+    them on the driver into the stage's result (only that is saved)."""
 
     name: str
     model: bytes
     arch: dict[str, Any]
     batch_stats: bool = False  # BatchNorm from each batch (an untrained model's are void)
+    reduce: Callable[[PerId, Scatter], PerId] | None = None
 
 
 @dataclass
 class Train:
     """``epochs`` of ``program`` over the shuffled stream (``cfg.train.batch_size`` a step,
-    split over workers), with ``join[name]`` arrays added to each batch by id."""
+    split over workers), with ``join[name]`` arrays added to each batch by id. An epoch is
+    ``passes`` passes over the stream; ``lr[e]``, when given, is every optimiser's learning
+    rate in epoch ``e``."""
 
     name: str
     epochs: int
     program: Program
     join: dict[str, PerId] = field(default_factory=dict)
+    passes: int = 1
+    lr: list[float] | None = None
 
 
 @dataclass
 class TrainResult:
-    """A train stage's outcome: the program module's final ``state`` and its ``history``."""
+    """A train stage's outcome: the program module's final ``state``, its ``history`` (a
+    row per epoch: the program's figures, ``images_per_s``, ``resumed_from_step`` after a
+    restart) and the optimisers' final state dicts."""
 
     state: dict[str, np.ndarray]
     history: list[dict[str, Any]]
+    optimizers: list[dict[str, Any]] = field(default_factory=list)
 
 
 Stage = Embed | Train
@@ -145,6 +200,12 @@ def drive(stages: Stages, runner: Runner) -> Any:
         except StopIteration as done:
             return done.value
         result = runner.embed(stage) if isinstance(stage, Embed) else runner.train(stage)
+
+
+def set_lr(optimizers: list[torch.optim.Optimizer], lr: float) -> None:
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
 
 
 def to_batch(rows: dict[str, Any], device: torch.device) -> dict[str, Any]:

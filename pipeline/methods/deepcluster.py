@@ -16,16 +16,22 @@ Every epoch alternates two steps:
 Optional Sobel input (:class:`~pipeline.models.layers.Sobel`): fixed greyscale then horizontal and vertical Sobel
 filters, which the paper uses to stop the CNN from clustering by colour.
 
-Everything here is plain numpy/PyTorch: no Ray. The Ray wiring (the feature pass through a
-Ray Data actor pool, shards held by Ray actors, per-epoch Ray Train) is in
-:mod:`pipeline.distributed.deepcluster`.
+The method is written as stages (:func:`stages`, :mod:`pipeline.methods.base`): per epoch an
+:class:`~pipeline.methods.base.Embed` whose ``reduce`` is the clustering
+(:func:`clustering`), then a one-epoch :class:`~pipeline.methods.base.Train` of
+:class:`PseudoLabels`; after the last epoch one more clustering, whose whitening is folded
+into the saved model (:func:`export`), so centroids, ``jobs/assign.py`` and the report all
+live in the same space. Everything here is plain numpy/PyTorch: no Ray. The shared stage
+runners execute it (one long-lived Ray Train run for every epoch on Ray).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -34,6 +40,13 @@ from torch import nn
 
 from pipeline.kmeans.minibatch import split_empty
 from pipeline.kmeans.stats import assign, partial_stats
+from pipeline.methods.base import Context, Embed, PerId, Scatter, Stages, Train
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
+    from pipeline.outputs import TrainedModel
+
+log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------
 # Input and model pieces.
@@ -213,8 +226,8 @@ def lloyd(shards: Sequence[Any], k: int, niter: int = 20, seed: int = 0
     Initialised with k random points; each iteration reduces the shards' partial sums
     (:func:`~pipeline.kmeans.stats.partial_stats`) into new means and splits every empty
     cluster off a donor (:func:`~pipeline.kmeans.minibatch.split_empty`), as faiss does.
-    With ``shards`` on Ray actors the calls run in parallel (they return futures' values via
-    :class:`pipeline.distributed.deepcluster.RemoteShards`).
+    With ``shards`` on Ray actors (the Ray runner's :data:`~pipeline.methods.base.Scatter`)
+    the calls run in parallel.
     """
     rng = np.random.default_rng(seed)
     centroids = sample_rows(shards, k, rng)
@@ -280,3 +293,173 @@ def cluster(shards: Sequence[Any], k: int, niter: int, seed: int,
     labels = np.concatenate(gather(shards, "labels", centroids))
     fill_empty(labels, k, np.random.default_rng((seed, 7)))
     return centroids, labels
+
+
+# ------------------------------------------------------------------------------------------
+# The method as stages.
+
+
+def lr_at(cfg: Config, epoch: int) -> float:
+    """``train.lr`` under ``train.lr_schedule`` at ``epoch`` (0-based) of ``train.epochs``."""
+    t, lr = epoch / max(1, cfg.train.epochs), cfg.train.lr
+    if cfg.train.lr_schedule == "cosine":
+        return float(lr * 0.5 * (1 + np.cos(np.pi * t)))
+    if cfg.train.lr_schedule == "step":
+        return float(lr * (0.1 ** ((t >= 0.5) + (t >= 0.75))))
+    return float(lr)
+
+
+def clustering(cfg: Config, seed: int) -> Callable[[PerId, Scatter], PerId]:
+    """The Embed stage's ``reduce``: PCA-whitening fitted on the features (n, d), then
+    k-means with no empty cluster -> ``arrays["pseudo"]`` (n,) int64 by id, ``extra`` the
+    whitening (``mean`` (d,), ``proj`` (d, p)) and ``centroids`` (k, p); ``faiss.Kmeans`` on
+    the driver up to ``deepcluster.local_max_points``, else Lloyd over
+    ``deepcluster.kmeans_shards`` shards (on Ray actors under the Ray runner)."""
+
+    def reduce(found: PerId, scatter: Scatter) -> PerId:
+        t0 = time.perf_counter()
+        x = found.arrays["feature"].astype(np.float32)
+        whitening = Whitening.fit(MomentStats.of(x), min(cfg.deepcluster.pca_dim, x.shape[1]))
+        z = whitening(x)
+        k, iters = cfg.cluster.k, cfg.deepcluster.kmeans_iters
+        if len(z) <= cfg.deepcluster.local_max_points:
+            centroids, labels = cluster([LocalShard(z)], k, iters, seed,
+                                        gpu=cfg.scale.gpu and _faiss_gpu())
+        else:
+            shards = scatter(LocalShard, np.array_split(z, cfg.deepcluster.kmeans_shards))
+            try:
+                centroids, labels = cluster(cast(Sequence[Any], shards), k, iters, seed, faiss_local=False)
+            finally:
+                shards.close()
+        facts = {**found.facts, "kmeans_s": time.perf_counter() - t0,
+                 "empty_clusters": int((np.bincount(labels, minlength=k) == 0).sum())}
+        if found.labels is not None:
+            from pipeline.metrics import acc, nmi
+
+            facts.update(nmi=nmi(found.labels, labels), acc=acc(found.labels, labels))
+        return PerId(found.ids, {"pseudo": labels.astype(np.int64)}, found.labels,
+                     {"mean": whitening.mean, "proj": whitening.proj, "centroids": centroids},
+                     facts)
+
+    return reduce
+
+
+def _faiss_gpu() -> bool:
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+class Classifier(nn.Module):
+    """The CNN (``trunk``: image -> feature_dim) and the epoch's fresh ``head`` (-> k)."""
+
+    def __init__(self, trunk: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.trunk, self.head = trunk, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x))  # type: ignore[no-any-return]
+
+
+class PseudoLabels:
+    """One epoch's training program: :class:`Classifier` with cross-entropy on the joined
+    ``pseudo`` labels (b,), each sample weighted by the inverse size of its cluster
+    (:func:`class_weights`). The trunk's optimiser state carries over from the previous
+    epoch (``trunk_state``); the head and its optimiser are new."""
+
+    def __init__(self, cfg: Config, trunk: nn.Module, trunk_state: dict[str, Any] | None,
+                 weights: np.ndarray, seed: int):
+        self.cfg, self.trunk_state, self.weights = cfg, trunk_state, weights
+        self.net = Classifier(trunk, new_head(cfg.model.feature_dim, cfg.cluster.k, seed))
+        self.module: nn.Module = self.net
+        self.losses: list[float] = []
+
+    def setup(self, ctx: Context) -> list[torch.optim.Optimizer]:
+        from pipeline.methods.online import make_optimizer
+
+        self.wrapped = ctx.wrap(self.net.to(ctx.device))
+        t = self.cfg.train
+        trunk = make_optimizer(self.net.trunk, t.optimizer, t.lr, t.momentum, t.weight_decay)
+        if self.trunk_state is not None:
+            trunk.load_state_dict(self.trunk_state)
+        head = make_optimizer(self.net.head, t.optimizer, t.lr, t.momentum, 0.0)
+        self.optimizers = [trunk, head]
+        self.class_weights = torch.from_numpy(self.weights).to(ctx.device)
+        return self.optimizers
+
+    def step(self, batch: dict[str, Any], ctx: Context) -> dict[str, float]:
+        from pipeline.data.augment import AugmentSpec, augment
+
+        self.wrapped.train()
+        x = batch["pixels"]
+        if self.cfg.deepcluster.augment:
+            x = augment(x, AugmentSpec(flip=self.cfg.data.channels == 3))
+        loss = pseudo_label_loss(self.wrapped(x), batch["pseudo"].long(), self.class_weights)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for optimizer in self.optimizers:
+            optimizer.step()
+        self.losses.append(loss.item())
+        return {}
+
+    def end_epoch(self, epoch: int, ctx: Context) -> dict[str, float]:
+        loss = float(np.mean(self.losses)) if self.losses else float("nan")
+        self.losses = []
+        return {"loss": loss}
+
+
+def stages(cfg: Config) -> Stages:
+    """Per epoch: cluster the features of the current CNN, train one epoch on the
+    pseudo-labels; then the final clustering. ``train.time_budget_s`` is checked between
+    epochs. Stage names are per epoch, so a re-run skips every finished stage."""
+    from pipeline.methods.arch import initial_model, model_arch
+    from pipeline.progress import figures, say
+
+    arch, k = model_arch(cfg), cfg.cluster.k
+    trunk, trunk_state = initial_model(cfg), None
+    history: list[dict[str, Any]] = []
+    started, budget = time.monotonic(), cfg.train.time_budget_s
+    for epoch in range(cfg.train.epochs):
+        if history and budget and time.monotonic() - started >= budget:
+            log.info("deepcluster: train.time_budget_s=%s reached after %d epochs", budget, epoch)
+            break
+        t0, seed = time.perf_counter(), cfg.train.seed + epoch
+        labels = yield Embed(f"epoch-{epoch:03d}-clustering", _bytes(trunk), arch,
+                             batch_stats=epoch == 0, reduce=clustering(cfg, seed))
+        program = PseudoLabels(cfg, trunk, trunk_state,
+                               class_weights(labels.arrays["pseudo"], k), seed)
+        result = yield Train(f"epoch-{epoch:03d}-training", 1, program,
+                             join={"pseudo": labels}, passes=cfg.deepcluster.passes,
+                             lr=[lr_at(cfg, epoch)])
+        trunk.load_state_dict({key[len("trunk."):]: torch.from_numpy(v)
+                               for key, v in result.state.items() if key.startswith("trunk.")})
+        trunk_state = result.optimizers[0]
+        trained = {key: v for key, v in result.history[-1].items() if key != "epoch"}
+        row = {"epoch": epoch, **labels.facts, **trained, "seconds": time.perf_counter() - t0}
+        history.append(row)
+        say(f"deepcluster epoch {epoch + 1}/{cfg.train.epochs}{figures(row)}  "
+            f"({row['seconds']:.1f} s)")
+    final = yield Embed("final-clustering", _bytes(trunk), arch,
+                        reduce=clustering(cfg, cfg.train.seed + cfg.train.epochs))
+    return export(cfg, trunk, final, history)
+
+
+def _bytes(model: nn.Module) -> bytes:
+    from pipeline.models.weights import save_bytes
+
+    return save_bytes(model)
+
+
+def export(cfg: Config, trunk: nn.Module, final: PerId, history: list[dict[str, Any]]
+           ) -> TrainedModel:
+    """The trained CNN with the final whitening folded in, and the final centroids."""
+    from pipeline.methods.arch import model_arch
+    from pipeline.models.layers import WhitenedEmbedder
+    from pipeline.outputs import TrainedModel
+
+    whitening = Whitening(final.extra["mean"], final.extra["proj"])
+    model = WhitenedEmbedder(trunk, cfg.model.feature_dim, whitening.dim)
+    whitening.load_into(model.whiten)
+    return TrainedModel(_bytes(model), whitened_arch(model_arch(cfg), whitening.dim),
+                        final.extra["centroids"], history)

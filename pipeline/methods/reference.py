@@ -1,14 +1,14 @@
 """The single-process reference runner: any registered method's stages, in-process, no Ray.
 
 It reads the input shards with pyarrow, decodes with the same decoder as the Ray path,
-embeds with the model in eval mode (as :class:`~pipeline.distributed.assign.EmbedActor`
-does) and trains a program over a seeded permutation per epoch, in batches of
+embeds with the model in eval mode (as the Ray runner's workers do) and trains a program over a seeded permutation per epoch, in batches of
 ``train.batch_size`` (the last partial batch dropped, as on Ray). Tests hold the Ray runner
 to it; it is also the easiest place to debug a new method.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,17 @@ from pipeline import methods
 from pipeline.config import Config
 from pipeline.data.decode import decode_batch, normalize
 from pipeline.data.reader import decode_spec, find_shards
-from pipeline.methods.base import Context, Embed, PerId, Train, TrainResult, drive, to_batch
+from pipeline.methods.base import (
+    Context,
+    Embed,
+    LocalShards,
+    PerId,
+    Train,
+    TrainResult,
+    drive,
+    set_lr,
+    to_batch,
+)
 from pipeline.models.arch import load_model
 from pipeline.outputs import TrainedModel
 
@@ -32,17 +42,21 @@ class LocalRunner:
         self.ids, self.pixels, self.labels = _decode_all(cfg, input_uri)
 
     def embed(self, stage: Embed) -> PerId:
+        t0 = time.perf_counter()
         model = load_model(stage.model, stage.arch, torch.device("cpu"))
         if stage.batch_stats:
             model.train()
         with torch.inference_mode():
             features = torch.cat([model(x) for x in self.pixels.split(512)]).numpy()
-        return PerId(self.ids, {"feature": features.astype(np.float32)}, self.labels).sorted()
+        found = PerId(self.ids, {"feature": features.astype(np.float32)}, self.labels).sorted()
+        found.facts["embed_s"] = time.perf_counter() - t0
+        return found if stage.reduce is None else stage.reduce(found, LocalShards.scatter)
 
     def train(self, stage: Train) -> TrainResult:
         ctx = Context()
+        torch.manual_seed(self.cfg.train.seed)
         program = stage.program
-        program.setup(ctx)
+        optimizers = program.setup(ctx)
         order_ids = np.argsort(self.ids)
         joined = {}
         for name, per_id in stage.join.items():  # rows in self.ids order
@@ -52,14 +66,20 @@ class LocalRunner:
             joined[name] = rows
         batch, history = self.cfg.train.batch_size, []
         for epoch in range(stage.epochs):
-            order = np.random.default_rng(self.cfg.train.seed + 1000 * epoch).permutation(
-                len(self.ids))
-            for start in range(0, len(order) - batch + 1, batch):
-                rows = order[start:start + batch]
-                program.step(to_batch(self._rows(rows, joined), ctx.device), ctx)
-            history.append({"epoch": epoch, **program.end_epoch(epoch, ctx)})
+            if stage.lr is not None:
+                set_lr(optimizers, stage.lr[epoch])
+            t0, seen = time.perf_counter(), 0
+            for p in range(stage.passes):
+                order = np.random.default_rng(self.cfg.train.seed + 1000 * epoch + p
+                                              ).permutation(len(self.ids))
+                for start in range(0, len(order) - batch + 1, batch):
+                    rows = order[start:start + batch]
+                    program.step(to_batch(self._rows(rows, joined), ctx.device), ctx)
+                    seen += len(rows)
+            history.append({"epoch": epoch, **program.end_epoch(epoch, ctx),
+                            "images_per_s": seen / max(1e-9, time.perf_counter() - t0)})
         state = {k: v.detach().cpu().numpy() for k, v in program.module.state_dict().items()}
-        return TrainResult(state, history)
+        return TrainResult(state, history, [o.state_dict() for o in optimizers])
 
     def _rows(self, rows: np.ndarray, joined: dict[str, np.ndarray]) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.ids[rows], "pixels": self.pixels[rows].numpy()}

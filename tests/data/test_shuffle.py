@@ -102,8 +102,9 @@ def test_every_epoch_has_a_new_order(sorted_input, mode):
 
 
 def test_initial_centroids_cover_the_classes_reproducibly(sorted_input):
-    from pipeline.distributed.job import initial_model, initial_pool, sample_centroids
+    from pipeline.distributed.job import initial_pool, sample_centroids
     from pipeline.kmeans.init import seed_centroids
+    from pipeline.methods.arch import initial_model
 
     cfg = run_cfg(sorted_input)
     shards = find_shards(sorted_input)

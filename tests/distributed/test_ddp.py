@@ -57,14 +57,14 @@ def loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipeline.distributed.train import save_state
+    from pipeline.distributed import checkpoint
 
     ctx = ray.train.get_context()
     torch.set_num_threads(1)
     model = ray.train.torch.prepare_model(cnn())  # DDP when world > 1
     sgd(config["x"], config["y"], ctx.get_world_rank(), ctx.get_world_size(), model)
     inner = getattr(model, "module", model)
-    save_state(ctx.get_world_rank(), inner, [], -1, [], {"done": True})
+    checkpoint.report(ctx.get_world_rank(), {"done": True}, inner, [], {"done": True})
 
 
 def data() -> tuple[np.ndarray, np.ndarray]:

@@ -10,8 +10,8 @@ import pytest
 
 from pipeline.config import Config, resolve
 from pipeline.data.reader import InputError
-from pipeline.distributed.deepcluster import RemoteShards
 from pipeline.distributed.features import check_feature_memory
+from pipeline.distributed.runner import RemoteShards
 from pipeline.methods.deepcluster import LocalShard, cluster, lloyd
 from tests.test_cluster_job import digits_shards, run_job  # noqa: F401  (fixture)
 
@@ -20,7 +20,7 @@ def test_sharded_kmeans_on_actors_equals_the_local_reference(ray_cluster):
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(3000, 16)) + rng.integers(0, 6, (3000, 1)) * 3).astype(np.float32)
     local = [LocalShard(part) for part in np.array_split(x, 3)]
-    remote = RemoteShards(x, 3)
+    remote = RemoteShards(LocalShard, np.array_split(x, 3))
     try:
         c_local, h_local = lloyd(local, 12, niter=8, seed=5)
         c_remote, h_remote = lloyd(remote, 12, niter=8, seed=5)
@@ -56,24 +56,26 @@ def test_deepcluster_run_survives_a_killed_worker_and_resumes_without_recomputin
     assert metrics["cluster_sizes"]["empty"] == 0 and metrics["nmi"] > 0.3
     epochs = metrics["epochs"]
     assert [e["epoch"] for e in epochs] == [0, 1] and epochs[0]["empty_clusters"] == 0
-    resumed = epochs[0]["resumed_at_batch"]  # a checkpoint (every 4 steps) before step 10
+    resumed = epochs[0]["resumed_from_step"]  # a checkpoint (every 4 steps) before step 10
     assert resumed in (4, 8), resumed
+    assert "resumed_from_step" not in epochs[1]  # the same worker group went on
     for name in ("centroids.npy", "assignments/_SUCCESS", "report.html",
-                 "deepcluster/epoch-000/clustering.npz", "deepcluster/epoch-001/model.safetensors"):
+                 "stages/epoch-000-clustering.npz", "stages/epoch-001-training/meta.json",
+                 "stages/final-clustering.npz"):
         assert os.path.exists(os.path.join(out, name)), name
     centroids = np.load(os.path.join(out, "centroids.npy"))
     assert centroids.shape == (10, 8)  # in the whitened space the saved model outputs
 
     # The driver dies during epoch 2's training: its clustering is saved, its model is not.
-    before = {name: mtime(out, "deepcluster", name) for name in
-              ("epoch-000/clustering.npz", "epoch-000/model.safetensors",
-               "epoch-001/clustering.npz")}
-    for name in ("model", "deepcluster/epoch-001/model.safetensors"):
+    before = {name: mtime(out, "stages", name) for name in
+              ("epoch-000-clustering.npz", "epoch-000-training/meta.json",
+               "epoch-001-clustering.npz")}
+    for name in ("model", "stages/epoch-001-training", "stages/final-clustering.npz"):
         path = os.path.join(out, name)
         os.system(f"rm -rf '{path}'")  # noqa: S605 (test-only, our own tmp path)
     for name in ("assignments", "metrics.json"):
         os.system(f"rm -rf '{os.path.join(out, name)}'")  # noqa: S605
     again = run_job(digits_shards, out, DC)
-    assert {name: mtime(out, "deepcluster", name) for name in before} == before
-    assert os.path.exists(os.path.join(out, "deepcluster/epoch-001/model.safetensors"))
+    assert {name: mtime(out, "stages", name) for name in before} == before
+    assert os.path.exists(os.path.join(out, "stages/epoch-001-training/meta.json"))
     assert again["n_images"] == 1797 and len(again["epochs"]) == 2

@@ -19,6 +19,7 @@ from pipeline.methods.deepcluster import (
 )
 from pipeline.metrics import nmi
 from pipeline.models.layers import Sobel, WhitenedEmbedder
+from tests.test_cluster_job import digits_shards  # noqa: F401  (fixture)
 
 
 def blobs(n: int, k: int, d: int, seed: int, spread: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
@@ -123,3 +124,24 @@ def test_sobel_sees_edges_not_colour():
     assert out.shape == (2, 2, 8, 8)
     assert out[0, 0, 2:6, 3:5].abs().min() > 1 and out[0, 1, 2:6].abs().max() < 1e-6
     assert out[1, :, 1:-1, 1:-1].abs().max() < 1e-6
+
+
+def test_deepcluster_runs_in_the_reference_runner(digits_shards, tmp_path):  # noqa: F811
+    """The whole method in one process, no Ray in the loop: per-epoch clustering (its Lloyd
+    spread over 2 in-process shards, as over Ray actors), pseudo-label epochs of 2 passes,
+    the whitened export."""
+    from pipeline.config import Config, resolve
+    from pipeline.methods.reference import run_reference
+
+    cfg = resolve(Config, None, ["method=deepcluster", "cluster.k=10", "train.epochs=2",
+                                 "data.image_size=16", "model.feature_dim=16",
+                                 "deepcluster.pca_dim=8", "deepcluster.passes=2",
+                                 "deepcluster.local_max_points=100",
+                                 "deepcluster.kmeans_shards=2", "train.lr_schedule=cosine"],
+                  {"data.input": digits_shards, "data.output": str(tmp_path / "run")})
+    trained = run_reference(cfg, digits_shards)
+    assert trained.centroids.shape == (10, 8) and trained.arch["feature_dim"] == 8
+    assert [row["epoch"] for row in trained.history] == [0, 1]
+    for row in trained.history:
+        assert row["empty_clusters"] == 0 and np.isfinite(row["loss"]) and row["nmi"] > 0.2
+    assert trained.history[1]["loss"] < trained.history[0]["loss"]

@@ -88,7 +88,7 @@ def test_reference_and_ray_runner_agree(tiny, digits_shards, tmp_path):  # noqa:
     assert os.path.exists(os.path.join(out, "checkpoints", "_fault-worker"))  # it was killed
     assert metrics["method"] == "tiny-kmeans" and metrics["n_images"] == 1797
     for name in ("report.html", "run.json", "stages/frozen-features.npz",
-                 "stages/lloyd.safetensors"):
+                 "stages/lloyd/model.safetensors"):
         assert os.path.exists(os.path.join(out, name)), name
     ray_centroids = np.load(os.path.join(out, "centroids.npy"))
     features = LocalRunner(cfg_of(digits_shards, out), digits_shards).embed(
