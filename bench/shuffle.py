@@ -77,8 +77,9 @@ def shuffled(uri: str, cfg: Any) -> dict[str, Any]:
 def init_coverage(uri: str, cfg: Any) -> dict[str, int]:
     """Classes hit by k = 10 initial centroids: old rule against the new one."""
     from pipeline.data.reader import decode_spec, find_shards, read_images
-    from pipeline.distributed.job import initial_model, initial_pool
+    from pipeline.distributed.job import initial_pool
     from pipeline.kmeans.init import seed_centroids
+    from pipeline.methods.arch import initial_model
 
     old = read_images(uri, decode_spec(cfg)).select_columns(["label"]) \
         .randomize_block_order(seed=cfg.train.seed).limit(10).take_all()
