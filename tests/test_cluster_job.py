@@ -46,11 +46,10 @@ def digits_one_shard(tmp_path_factory, ray_cluster):
 
 
 def server_state(out: str) -> dict:
-    """The centroid-server state in the run's last Ray Train checkpoint (taken after the
-    last round; the restart file may be up to cluster.persist_every rounds older)."""
-    last = sorted(p for p in Path(out, "checkpoints", "train").glob("checkpoint_*")
-                  if p.is_dir())[-1]
-    return unpack_state((last / "centroid_server.npz").read_bytes())
+    """The centroid-server state the finished train stage saved, as in its last checkpoint
+    (taken after the last round; the restart file may be up to cluster.persist_every rounds
+    older)."""
+    return unpack_state(Path(out, "stages", "online", "centroid_server.npz").read_bytes())
 
 
 def assignments(out: str) -> np.ndarray:

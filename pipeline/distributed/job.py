@@ -1,4 +1,5 @@
-"""Driver-side wiring of the training stage: dataset, initial centroids, server, trainer."""
+"""Driver-side pieces of training on Ray: the training stream, uniform samples of the input,
+the centroid servers."""
 
 from __future__ import annotations
 
@@ -14,26 +15,16 @@ from pipeline.data.reader import (
     Shards,
     ShuffleSpec,
     decode_spec,
-    find_shards,
     read_images,
     sample_rows,
 )
 from pipeline.distributed.centroid_server import create_server
-from pipeline.distributed.train import fit
 from pipeline.kmeans.init import pool_size, seed_centroids
-from pipeline.methods.arch import initial_model, model_arch
+from pipeline.kmeans.store import store_kwargs
 from pipeline.methods.online import initial_centroids
-from pipeline.models.weights import save_bytes
-from pipeline.outputs import RunPaths, TrainedModel
+from pipeline.outputs import RunPaths
 
 log = logging.getLogger(__name__)
-
-
-def store_kwargs(cfg: Config) -> dict[str, Any]:
-    c = cfg.cluster
-    return {"num_workers": cfg.scale.workers, "drift_smoothing": c.drift_smoothing,
-            "reseed_every": c.reseed_every, "reseed_ratio": c.reseed_ratio,
-            "reservoir_size": c.reservoir_size, "seed": cfg.train.seed}
 
 
 def sample_centroids(cfg: Config, shards: Shards, model: torch.nn.Module) -> np.ndarray:
@@ -43,22 +34,30 @@ def sample_centroids(cfg: Config, shards: Shards, model: torch.nn.Module) -> np.
     return seed_centroids(pool, cfg.cluster.k, cfg.train.seed, cfg.cluster.init)
 
 
-def initial_pool(cfg: Config, shards: Shards, model: torch.nn.Module
-                 ) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """Candidate rows drawn uniformly from the whole input (a bottom-k sample over one
-    streaming pass, so neither a class-sorted input nor Ray Data's block order biases it;
-    ``train.seed`` fixes it) and their features (m, d) under ``model``."""
-    c = cfg.cluster
-    size = pool_size(c.k, c.init_pool, c.init_pool_max)
+def sample_pixels(cfg: Config, shards: Shards, size: int
+                  ) -> tuple[list[dict[str, Any]], torch.Tensor]:
+    """``size`` decodable rows drawn uniformly from the whole input (a bottom-k sample over
+    one streaming pass, so neither a class-sorted input nor Ray Data's block order biases
+    it; ``train.seed`` fixes it), in key order, and their normalised pixels (m, C, H, W)."""
     rows = sample_rows(shards, size + max(16, size // 8), cfg.train.seed)  # spares: bad images
     spec = decode_spec(cfg)
     decoded = decode_batch([bytes(r["image"]) for r in rows], spec)
-    if len(decoded.ok) < c.k:
+    return ([rows[i] for i in decoded.ok[:size]],
+            normalize(decoded.pixels[:size], spec) if len(decoded.ok) else torch.empty(0))
+
+
+def initial_pool(cfg: Config, shards: Shards, model: torch.nn.Module
+                 ) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """The rows of :func:`sample_pixels` for ``online``'s initial centroids and their
+    features (m, d) under ``model`` with batch statistics, as its ``initial-pool`` stage."""
+    c = cfg.cluster
+    rows, pixels = sample_pixels(cfg, shards, pool_size(c.k, c.init_pool, c.init_pool_max))
+    if len(rows) < c.k:
         raise ValueError(f"cluster.k={c.k} is larger than the number of decodable images "
-                         f"({len(decoded.ok)})")
-    pixels = normalize(decoded.pixels[:size], spec)
-    pool = np.concatenate([initial_centroids(model, x) for x in pixels.split(256)])
-    return [rows[i] for i in decoded.ok[:size]], pool
+                         f"({len(rows)})")
+    pool = np.concatenate([initial_centroids(model, x)
+                           for x in pixels.split(cfg.cluster.assign_batch_size)])
+    return rows, pool
 
 
 def training_images(cfg: Config, input_uri: str, shards: Shards, columns: list[str]) -> Any:
@@ -99,21 +98,3 @@ def start_servers(cfg: Config, paths: RunPaths, init: np.ndarray
         names.append((name, namespace))
     ray.get([h.info.remote() for h in handles])  # reachable before the workers look them up
     return handles, names, bounds
-
-
-def train_online(cfg: Config, input_uri: str, paths: RunPaths) -> TrainedModel:
-    """Train the ``online`` method on Ray Train with a centroid-server actor."""
-    import ray
-
-
-    shards = find_shards(input_uri, cfg.s3)
-    images = training_images(cfg, input_uri, shards, ["pixels"])
-    model = initial_model(cfg)
-    init = sample_centroids(cfg, shards, model)
-    servers, names, bounds = start_servers(cfg, paths, init)
-    outcome = fit(cfg, images, {"servers": names, "bounds": bounds.tolist()},
-                  paths.checkpoints, save_bytes(model))
-    for server in servers:
-        ray.kill(server, no_restart=True)
-    return TrainedModel(outcome.model_bytes, model_arch(cfg), outcome.centroids,
-                        outcome.history)

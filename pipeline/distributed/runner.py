@@ -15,14 +15,18 @@ not once per stage (bench/epoch_overhead.py).
   :func:`~pipeline.distributed.features.check_feature_memory`), applies the stage's
   ``reduce`` with :func:`scatter` (shards on Ray actors), and saves the result as
   ``--output/stages/NAME.npz``.
+  An Embed with ``sample`` embeds a uniform sample on the driver instead
+  (:func:`~pipeline.distributed.job.sample_pixels`).
 * :class:`~pipeline.methods.base.Train`: the shuffled training stream (the ``train``
   dataset, :func:`~pipeline.distributed.job.training_images`) with the stage's per-id arrays
   joined by id on the worker, in :func:`stage_loop`, the one worker loop of every program:
   passes, learning rates, fault points, progress lines, ``train.time_budget_s``, and a
   checkpoint in the one format (:mod:`pipeline.distributed.checkpoint`) every
-  ``scale.checkpoint_every_steps`` and at each epoch end. A restarted worker group
-  (``FailureConfig``) or a re-run resumes the stage from its latest checkpoint. The result
-  is saved as ``--output/stages/NAME/`` in that same format.
+  ``scale.checkpoint_every_steps`` and at each epoch end. A stage with ``centroids`` gets
+  a centroid-server actor (or ``scale.centroid_shards`` of them) for its duration, as
+  ``ctx.centroids``; its state goes into every checkpoint and is restored with it. A
+  restarted worker group (``FailureConfig``) or a re-run resumes the stage from its latest
+  checkpoint. The result is saved as ``--output/stages/NAME/`` in that same format.
 
 A re-run loads every saved stage without starting a trainer for it.
 """
@@ -30,6 +34,7 @@ A re-run loads every saved stage without starting a trainer for it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import logging
@@ -141,14 +146,15 @@ class LongLivedTrainer:
         self.error: BaseException | None = None
         self.posted = 0
 
-    def run(self, stage: Stage) -> list[Any]:
-        """Every rank's part of ``stage`` (rank 0's alone for a train stage)."""
+    def run(self, stage: Stage, servers: dict[str, Any] | None = None) -> list[Any]:
+        """Every rank's part of ``stage`` (rank 0's alone for a train stage); ``servers``:
+        the stage's centroid servers ({"servers": [(name, namespace)], "bounds"})."""
         import ray
 
         if self.thread is None:
             self._start()
         self.posted += 1
-        ray.get(self.desk.post.remote(self.posted, [ray.put(stage)]))
+        ray.get(self.desk.post.remote(self.posted, [ray.put((stage, servers))]))
         need = self.cfg.scale.workers if isinstance(stage, Embed) else 1
         got = ray.get(self.desk.result.remote(self.posted, need))
         if "error" in got:
@@ -244,21 +250,50 @@ class RayRunner:
         saved = self.dir.join(f"{stage.name}.npz")
         if fsx.exists(saved):
             return load_per_id(saved)
-        check_feature_memory(self.rows(), stage.arch["feature_dim"], self.cfg)
         t0 = time.perf_counter()
-        found = PerId.concat(self.trainer.run(stage))
+        if stage.sample is not None:
+            found = self._sample(stage)
+        else:
+            check_feature_memory(self.rows(), stage.arch["feature_dim"], self.cfg)
+            found = PerId.concat(self.trainer.run(stage))
         found.facts["embed_s"] = time.perf_counter() - t0
         result = found if stage.reduce is None else stage.reduce(found, scatter)
         save_per_id(saved, result)
         return result
 
+    def _sample(self, stage: Embed) -> PerId:
+        """Features of ``stage.sample`` uniformly drawn images, embedded on the driver."""
+        from pipeline.distributed.job import sample_pixels
+
+        assert stage.sample is not None
+        rows, pixels = sample_pixels(self.cfg, self.shards, stage.sample)
+        labels = [str(r["label"]) for r in rows] if self.shards.has_label else None
+        return embed_sample(stage, self.cfg, np.asarray([r["id"] for r in rows], str),
+                            pixels, labels)
+
     def train(self, stage: Train) -> TrainResult:
         self._claim(stage.name)
         saved = self.dir.join(stage.name)
         if not fsx.exists(saved.join(checkpoint.META)):
-            state: checkpoint.TrainState = self.trainer.run(stage)[0]
+            state: checkpoint.TrainState = self._train(stage)
             save_train_state(saved, state)
         return load_train_result(saved)
+
+    def _train(self, stage: Train) -> checkpoint.TrainState:
+        if stage.centroids is None:
+            state: checkpoint.TrainState = self.trainer.run(stage)[0]
+            return state
+        import ray
+
+        from pipeline.distributed.job import start_servers
+
+        handles, names, bounds = start_servers(self.cfg, self.paths, stage.centroids)
+        try:
+            state = self.trainer.run(stage, {"servers": names, "bounds": bounds.tolist()})[0]
+        finally:
+            for handle in handles:
+                ray.kill(handle, no_restart=True)
+        return state
 
     def rows(self) -> int:
         """Rows in the input (Parquet footers), for the memory guard."""
@@ -308,19 +343,28 @@ def save_train_state(loc: Location, state: checkpoint.TrainState) -> None:
     """A finished train stage in the checkpoint format, ``meta.json`` last (marks it done)."""
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint.write_state(tmp, state)
-        for name in (checkpoint.MODEL, checkpoint.OPTIMIZERS, checkpoint.META):
-            with open(os.path.join(tmp, name), "rb") as fh:
-                fsx.write_bytes_atomic(loc.join(name), fh.read())
+        for name in (checkpoint.MODEL, checkpoint.OPTIMIZERS, checkpoint.SERVER,
+                     checkpoint.META):
+            if os.path.exists(os.path.join(tmp, name)):
+                with open(os.path.join(tmp, name), "rb") as fh:
+                    fsx.write_bytes_atomic(loc.join(name), fh.read())
 
 
 def load_train_result(loc: Location) -> TrainResult:
     from safetensors.torch import load as st_load
 
+    from pipeline.kmeans.sharded import centroids_of
+    from pipeline.kmeans.state_io import unpack_state
+
     meta = json.loads(fsx.read_bytes(loc.join(checkpoint.META)))
     optimizers = torch.load(io.BytesIO(fsx.read_bytes(loc.join(checkpoint.OPTIMIZERS))),
                             weights_only=True)
     tensors = st_load(fsx.read_bytes(loc.join(checkpoint.MODEL)))
-    return TrainResult({k: v.numpy() for k, v in tensors.items()}, meta["history"], optimizers)
+    server = loc.join(checkpoint.SERVER)
+    centroids = (centroids_of(unpack_state(fsx.read_bytes(server)))
+                 if fsx.exists(server) else None)
+    return TrainResult({k: v.numpy() for k, v in tensors.items()}, meta["history"], optimizers,
+                       centroids)
 
 
 class RemoteShards(list[Any]):
@@ -425,13 +469,40 @@ def serve(config: dict[str, Any]) -> None:
     after = -1
     while (taken := ray.get(desk.take.remote(after))) is not None:
         after, (ref,) = taken
-        stage = ray.get(ref)
+        stage, servers = ray.get(ref)
         if isinstance(stage, Embed):
             part: Any = embed_share(cfg, stage, shards["embed"], ctx)
         else:
-            part = stage_loop(cfg, stage, shards["train"], ctx)
+            part = stage_loop(cfg, stage, shards["train"], _with_servers(ctx, servers))
         if part is not None:
             ray.get(desk.deliver.remote(after, generation, ctx.rank, part))
+
+
+def _with_servers(ctx: Context, servers: dict[str, Any] | None) -> Context:
+    """``ctx`` with the stage's centroid-server client, when it has servers."""
+    from pipeline.distributed.train import connect_store
+
+    if servers is None:
+        return dataclasses.replace(ctx, centroids=None)
+    return dataclasses.replace(ctx, centroids=connect_store(servers["servers"],
+                                                            servers["bounds"]))
+
+
+def embed_sample(stage: Embed, cfg: Config, ids: np.ndarray, pixels: torch.Tensor,
+                 labels: list[str] | None) -> PerId:
+    """Features of a sample's pixels (m, C, H, W) in this process, batches of
+    ``cluster.assign_batch_size`` (the reference runner's too)."""
+    from pipeline.models.arch import load_model
+
+    model = load_model(stage.model, stage.arch, torch.device("cpu"))
+    if stage.batch_stats:
+        model.train()
+    d = int(stage.arch["feature_dim"])
+    with torch.inference_mode():
+        parts = [model(x).float().numpy() for x in pixels.split(cfg.cluster.assign_batch_size)]
+    features = np.concatenate(parts) if parts else np.zeros((0, d), np.float32)
+    return PerId(ids, {"feature": features},
+                 None if labels is None else np.asarray(labels, str)).sorted()
 
 
 def embed_share(cfg: Config, stage: Embed, shard: Any, ctx: Context) -> PerId:
@@ -474,9 +545,10 @@ def stage_loop(cfg: Config, stage: Train, shard: Any, ctx: Context
     torch.manual_seed(cfg.train.seed)
     program = stage.program
     optimizers = program.setup(ctx)
-    at = _resume(stage.name, program, optimizers)
+    at = _resume(stage.name, program, optimizers, ctx)
+    program.start(at["epoch"], ctx)
     join = _Join(stage.join)
-    progress = Progress(stage.epochs, enabled=ctx.rank == 0, label=stage.name)
+    progress = Progress(stage.epochs, enabled=ctx.rank == 0)
     began = time.monotonic()
     local = cfg.train.batch_size // ctx.world
     for epoch in range(at["epoch"], stage.epochs):
@@ -507,7 +579,8 @@ def stage_loop(cfg: Config, stage: Train, shard: Any, ctx: Context
     if ctx.rank != 0:
         return None
     return checkpoint.TrainState(_model_bytes(program.module),
-                                 [o.state_dict() for o in optimizers], _meta(stage.name, at))
+                                 [o.state_dict() for o in optimizers], _meta(stage.name, at),
+                                 None if ctx.centroids is None else ctx.centroids.state())
 
 
 def _passes(shard: Any, batch: int, passes: int, cfg: Config, epoch: int) -> Iterator[Any]:
@@ -541,24 +614,35 @@ def _meta(name: str, at: dict[str, Any]) -> dict[str, Any]:
     return {"stage": name, **{k: at[k] for k in ("epoch", "batch", "step", "history")}}
 
 
-def _resume(name: str, program: Any, optimizers: list[torch.optim.Optimizer]
-            ) -> dict[str, Any]:
+def _resume(name: str, program: Any, optimizers: list[torch.optim.Optimizer],
+            ctx: Context) -> dict[str, Any]:
     """Where stage ``name`` stands: {"epoch", "batch" (done in it), "step", "history"},
     loaded with the program's module and optimisers from the latest checkpoint when that
-    checkpoint is this stage's."""
+    checkpoint is this stage's; rank 0 re-seeds the centroid server from it (the pushes
+    after it are discarded) and every rank waits for that."""
     from safetensors.torch import load as st_load
 
     saved = checkpoint.latest()
     if saved is None or saved.meta.get("stage") != name:
+        saved = None
+    elif ctx.rank == 0 and ctx.centroids is not None:
+        ctx.centroids.load_state(saved.server or {})
+    if ctx.centroids is not None:
+        ctx.all_reduce(torch.zeros(1, device=ctx.device))  # a barrier
+    if saved is None:
         return {"epoch": 0, "batch": 0, "step": 0, "history": []}
     program.module.load_state_dict(st_load(saved.model_bytes))
     for optimizer, state in zip(optimizers, saved.optimizers, strict=True):
         optimizer.load_state_dict(state)
     at = {k: saved.meta[k] for k in ("epoch", "batch", "step", "history")}
+    log.info("rank %d resumed stage %s at epoch %d, step %d", ctx.rank, name, at["epoch"],
+             at["step"])
     return {**at, "resumed": {"resumed_from_step": at["step"]}}
 
 
 def _save(ctx: Context, name: str, program: Any, optimizers: list[torch.optim.Optimizer],
           at: dict[str, Any], metrics: dict[str, Any] | None = None) -> None:
+    program.before_checkpoint(ctx)
+    server = ctx.centroids.state() if ctx.rank == 0 and ctx.centroids is not None else None
     checkpoint.report(ctx.rank, metrics or {"step": at["step"]}, program.module, optimizers,
-                      _meta(name, at))
+                      _meta(name, at), server)

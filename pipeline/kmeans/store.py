@@ -25,11 +25,14 @@ update (:func:`~pipeline.kmeans.minibatch.minibatch_update`, then
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.kmeans.minibatch import Reservoir, apply_drift, minibatch_update, reseed_starved
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
 
 _STAT_KEYS = ("rows", "sums", "counts", "drift", "drift_counts", "workers")
 
@@ -299,3 +302,11 @@ def _rows_of(dense: Any, rows: np.ndarray, k: int, d: int, name: str) -> np.ndar
     if dense.shape != (k, d):
         raise ValueError(f"push: expected {name} ({k}, {d}), got {dense.shape}")
     return dense[rows]
+
+
+def store_kwargs(cfg: Config) -> dict[str, Any]:
+    """:class:`CentroidStore` settings of a run (``cluster.*``, one push per worker a round)."""
+    c = cfg.cluster
+    return {"num_workers": cfg.scale.workers, "drift_smoothing": c.drift_smoothing,
+            "reseed_every": c.reseed_every, "reseed_ratio": c.reseed_ratio,
+            "reservoir_size": c.reservoir_size, "seed": cfg.train.seed}

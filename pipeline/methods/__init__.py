@@ -11,7 +11,7 @@ A method is one module in this package (its algorithm, no Ray), a config section
 * ``stages``: ``module:function`` ``(cfg) -> generator of stages`` (:mod:`pipeline.methods.base`),
   which the shared runners execute: :func:`pipeline.distributed.runner.train_stages` on Ray,
   :func:`pipeline.methods.reference.run_reference` in one process. :func:`staged` writes
-  such a line. ``online`` still has its own ``trainer``;
+  such a line; every method is written so;
 * ``trainer``: ``module:function`` with signature ``(cfg, input_uri, paths) -> TrainedModel``
   that trains it on Ray (:mod:`pipeline.distributed`); the export is a model and centroids
   such that nearest-centroid assignment is the method's own cluster rule, so the assign job,
@@ -73,9 +73,8 @@ _CENTROID_SERVER = ("cluster.sync_every", "cluster.max_staleness", "cluster.drif
                     "debug.kill_server_at_round")
 
 REGISTRY: dict[str, MethodInfo] = {
-    "online": MethodInfo(
+    "online": staged(
         "online", "Hsu & Lin 2017", "pipeline.methods.online",
-        "pipeline.distributed.job:train_online",
         reads=("online.", "train.warmup_epochs", *_CENTROID_SERVER)),
     "deepcluster": staged(
         "deepcluster", "Caron et al. 2018", "pipeline.methods.deepcluster",

@@ -45,6 +45,9 @@ class Context:
     ``all_reduce``: (…) tensor -> its sum over workers; ``all_gather``: (n, …) -> (world·n, …)
     concatenated in rank order (equal n on every rank); ``wrap``: a module -> the module to
     train with (DDP under Ray Train). All three are the identity in one process.
+    ``centroids``: the centroid-server client (:class:`pipeline.methods.online.CentroidClient`:
+    the Ray actor, its shards, or the in-process :class:`~pipeline.kmeans.store.CentroidStore`)
+    in a train stage that asked for one (``Train.centroids``), else None.
     """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -53,6 +56,7 @@ class Context:
     all_reduce: Callable[[torch.Tensor], torch.Tensor] = _identity
     all_gather: Callable[[torch.Tensor], torch.Tensor] = _identity
     wrap: Callable[[nn.Module], nn.Module] = lambda m: m
+    centroids: Any = None
 
 
 @dataclass
@@ -94,12 +98,18 @@ class Program(Protocol):
 
     ``module`` holds everything the stage trains or carries between epochs (checkpointed
     as safetensors; buffers included), ``setup`` builds it on ``ctx.device`` and returns
-    the optimisers (checkpointed too).
+    the optimisers (checkpointed too). ``start(epoch, ctx)`` runs once the module and
+    optimisers hold their resumed state (if any), before this worker group's first step;
+    ``before_checkpoint`` before every checkpoint (:class:`Hooks` has both as no-ops).
     """
 
     module: nn.Module
 
     def setup(self, ctx: Context) -> list[torch.optim.Optimizer]: ...
+
+    def start(self, epoch: int, ctx: Context) -> None: ...
+
+    def before_checkpoint(self, ctx: Context) -> None: ...
 
     def step(self, batch: dict[str, Any], ctx: Context) -> dict[str, float]:
         """One batch: tensors (``pixels`` (b, C, H, W) float32, joined arrays) plus
@@ -107,6 +117,16 @@ class Program(Protocol):
         ...
 
     def end_epoch(self, epoch: int, ctx: Context) -> dict[str, float]: ...
+
+
+class Hooks:
+    """No-op :class:`Program` hooks, for programs that need none."""
+
+    def start(self, epoch: int, ctx: Context) -> None:
+        pass
+
+    def before_checkpoint(self, ctx: Context) -> None:
+        pass
 
 
 class Shards(Protocol):
@@ -145,13 +165,17 @@ class LocalShards(list[Any]):
 class Embed:
     """A full pass: features (n, d) of every image under ``model`` (safetensors + arch
     record), as :class:`PerId` ``arrays["feature"]``; ``reduce(features, scatter)`` turns
-    them on the driver into the stage's result (only that is saved)."""
+    them on the driver into the stage's result (only that is saved). With ``sample``, only
+    that many images are embedded, drawn uniformly by a ``train.seed``-keyed hash of their
+    ids (the same images whatever the stored order; bad images skipped), in batches of
+    ``cluster.assign_batch_size``."""
 
     name: str
     model: bytes
     arch: dict[str, Any]
     batch_stats: bool = False  # BatchNorm from each batch (an untrained model's are void)
     reduce: Callable[[PerId, Scatter], PerId] | None = None
+    sample: int | None = None
 
 
 @dataclass
@@ -159,7 +183,9 @@ class Train:
     """``epochs`` of ``program`` over the shuffled stream (``cfg.train.batch_size`` a step,
     split over workers), with ``join[name]`` arrays added to each batch by id. An epoch is
     ``passes`` passes over the stream; ``lr[e]``, when given, is every optimiser's learning
-    rate in epoch ``e``."""
+    rate in epoch ``e``. With ``centroids`` (k, d), the runner serves them from a centroid
+    server for the stage (``ctx.centroids``), checkpoints its state with the program's and
+    returns its final centroids."""
 
     name: str
     epochs: int
@@ -167,6 +193,7 @@ class Train:
     join: dict[str, PerId] = field(default_factory=dict)
     passes: int = 1
     lr: list[float] | None = None
+    centroids: np.ndarray | None = None
 
 
 @dataclass
@@ -178,6 +205,7 @@ class TrainResult:
     state: dict[str, np.ndarray]
     history: list[dict[str, Any]]
     optimizers: list[dict[str, Any]] = field(default_factory=list)
+    centroids: np.ndarray | None = None  # the centroid server's, when the stage had one
 
 
 Stage = Embed | Train

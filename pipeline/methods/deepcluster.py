@@ -40,7 +40,7 @@ from torch import nn
 
 from pipeline.kmeans.minibatch import split_empty
 from pipeline.kmeans.stats import assign, partial_stats
-from pipeline.methods.base import Context, Embed, PerId, Scatter, Stages, Train
+from pipeline.methods.base import Context, Embed, Hooks, PerId, Scatter, Stages, Train
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -361,7 +361,7 @@ class Classifier(nn.Module):
         return self.head(self.trunk(x))  # type: ignore[no-any-return]
 
 
-class PseudoLabels:
+class PseudoLabels(Hooks):
     """One epoch's training program: :class:`Classifier` with cross-entropy on the joined
     ``pseudo`` labels (b,), each sample weighted by the inverse size of its cluster
     (:func:`class_weights`). The trunk's optimiser state carries over from the previous

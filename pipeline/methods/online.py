@@ -16,7 +16,9 @@ Per step, on a worker:
    applies the mini-batch update and shifts each centroid by its mean drift.
 
 Everything here is plain PyTorch against the :class:`CentroidClient` protocol: the in-process
-``CentroidStore`` and the Ray centroid server both satisfy it. No Ray imports.
+``CentroidStore`` and the Ray centroid server both satisfy it. No Ray imports. The method is
+written as stages (:func:`stages`): features of a uniform sample under the initial model
+seed the centroids, then one train stage of :class:`OnlineProgram` with the centroid server.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -35,7 +37,11 @@ from torch import nn
 
 from pipeline.data.augment import AugmentSpec, augment
 from pipeline.kmeans.stats import assign, drift_stats, partial_stats
+from pipeline.methods.base import Context, Embed, Hooks, Stages, Train
 from pipeline.metrics import acc, nmi
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -311,3 +317,120 @@ def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float,
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+# ------------------------------------------------------------------------------------------
+# The method as stages.
+
+
+def loss_spec(cfg: Config) -> OnlineLossSpec:
+    o = cfg.online
+    return OnlineLossSpec(o.temperature, o.compactness_weight, o.consistency_weight,
+                          o.entropy_weight, o.balance)
+
+
+def augment_spec(cfg: Config) -> AugmentSpec | None:
+    if not cfg.online.augment:
+        return None
+    return AugmentSpec(flip=cfg.data.channels == 3)
+
+
+class OnlineState(nn.Module):
+    """What a checkpoint keeps of :class:`OnlineProgram`: the CNN and the global step."""
+
+    def __init__(self, cnn: nn.Module):
+        super().__init__()
+        self.cnn = cnn
+        self.step: torch.Tensor
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+
+class OnlineProgram(Hooks):
+    """The train stage of ``online``: :class:`OnlineWorker` steps against ``ctx.centroids``;
+    the first ``train.warmup_epochs`` run k-means on the frozen initial features. An epoch's
+    row: mean loss parts, ``images``, and with labels the NMI/ACC of the training-time
+    assignments."""
+
+    def __init__(self, cfg: Config, cnn: nn.Module):
+        self.cfg, self.state = cfg, OnlineState(cnn)
+        self.module: nn.Module = self.state
+        self.epoch = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.totals: dict[str, float] = {}
+        self.steps, self.images = 0, 0
+        self.truth: list[np.ndarray] = []
+        self.pred: list[np.ndarray] = []
+
+    def setup(self, ctx: Context) -> list[torch.optim.Optimizer]:
+        cfg, t = self.cfg, self.cfg.train
+        self.state.to(ctx.device)
+        model = ctx.wrap(self.state.cnn)
+        optimizer = make_optimizer(model, t.optimizer, t.lr, t.momentum, t.weight_decay)
+        self.worker = OnlineWorker(
+            model=model, optimizer=optimizer, store=ctx.centroids, loss_spec=loss_spec(cfg),
+            augment_spec=augment_spec(cfg), device=ctx.device,
+            drift_compensation=cfg.cluster.drift_compensation,
+            sync_every=cfg.cluster.sync_every, max_staleness=cfg.cluster.max_staleness,
+            worker=ctx.rank)
+        return [optimizer]
+
+    def start(self, epoch: int, ctx: Context) -> None:
+        """After a (re)start: the step from the checkpoint, the server's centroids, and the
+        round the server's version stands for."""
+        w = self.worker
+        self.epoch, w.step = epoch, int(self.state.step)
+        w.refresh()
+        w.base_round = w.version - w.step // w.sync_every
+
+    def step(self, batch: dict[str, Any], ctx: Context) -> dict[str, float]:
+        x = batch["pixels"]
+        parts = self.worker.train_step(x, train_cnn=self.epoch >= self.cfg.train.warmup_epochs)
+        self.state.step.fill_(self.worker.step)
+        for key, value in parts.items():
+            self.totals[key] = self.totals.get(key, 0.0) + value
+        self.steps, self.images = self.steps + 1, self.images + len(x)
+        if "label" in batch and self.worker.last_labels is not None:
+            self.truth.append(np.asarray(batch["label"]).astype(str))
+            self.pred.append(self.worker.last_labels.cpu().numpy())
+        return parts
+
+    def before_checkpoint(self, ctx: Context) -> None:
+        self.worker.flush()
+
+    def end_epoch(self, epoch: int, ctx: Context) -> dict[str, float]:
+        self.worker.flush()
+        out = {key: value / max(1, self.steps) for key, value in self.totals.items()}
+        out["images"] = float(self.images)
+        if self.truth:
+            y_true, y_pred = np.concatenate(self.truth), np.concatenate(self.pred)
+            out["nmi"], out["acc"] = nmi(y_true, y_pred), acc(y_true, y_pred)
+        self._reset()
+        self.epoch = epoch + 1
+        return out
+
+
+def stages(cfg: Config) -> Stages:
+    """Features of a uniform sample (``cluster.init_pool`` per cluster) under the seeded
+    initial model, with batch statistics, seed k centroids (``cluster.init``, DESIGN §4);
+    then ``train.epochs`` of :class:`OnlineProgram` with the centroid server."""
+    from pipeline.kmeans.init import pool_size, seed_centroids
+    from pipeline.methods.arch import initial_model, model_arch
+    from pipeline.models.weights import save_bytes
+    from pipeline.outputs import TrainedModel
+
+    c = cfg.cluster
+    cnn, arch = initial_model(cfg), model_arch(cfg)
+    pool = yield Embed("initial-pool", save_bytes(cnn), arch, batch_stats=True,
+                       sample=pool_size(c.k, c.init_pool, c.init_pool_max))
+    features = pool.arrays["feature"]
+    if len(features) < c.k:
+        raise ValueError(f"cluster.k={c.k} is larger than the number of decodable images "
+                         f"({len(features)})")
+    init = seed_centroids(features, c.k, cfg.train.seed, c.init)
+    result = yield Train("online", cfg.train.epochs, OnlineProgram(cfg, cnn), centroids=init)
+    cnn.load_state_dict({key[len("cnn."):]: torch.from_numpy(v)
+                         for key, v in result.state.items() if key.startswith("cnn.")})
+    assert result.centroids is not None
+    return TrainedModel(save_bytes(cnn), arch, result.centroids, result.history)

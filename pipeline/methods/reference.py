@@ -19,6 +19,8 @@ from pipeline import methods
 from pipeline.config import Config
 from pipeline.data.decode import decode_batch, normalize
 from pipeline.data.reader import decode_spec, find_shards
+from pipeline.data.sampling import bottom_k, row_keys
+from pipeline.kmeans.store import CentroidStore, store_kwargs
 from pipeline.methods.base import (
     Context,
     Embed,
@@ -43,20 +45,29 @@ class LocalRunner:
 
     def embed(self, stage: Embed) -> PerId:
         t0 = time.perf_counter()
+        rows = np.arange(len(self.ids))
+        if stage.sample is not None:  # the same draw as the Ray runner's bottom-k sample
+            rows = bottom_k(row_keys(self.ids, self.cfg.train.seed), stage.sample)
         model = load_model(stage.model, stage.arch, torch.device("cpu"))
         if stage.batch_stats:
             model.train()
+        batch = self.cfg.cluster.assign_batch_size
         with torch.inference_mode():
-            features = torch.cat([model(x) for x in self.pixels.split(512)]).numpy()
-        found = PerId(self.ids, {"feature": features.astype(np.float32)}, self.labels).sorted()
+            features = torch.cat([model(x) for x in self.pixels[rows].split(batch)]).numpy()
+        found = PerId(self.ids[rows], {"feature": features.astype(np.float32)},
+                      None if self.labels is None else self.labels[rows]).sorted()
         found.facts["embed_s"] = time.perf_counter() - t0
         return found if stage.reduce is None else stage.reduce(found, LocalShards.scatter)
 
     def train(self, stage: Train) -> TrainResult:
-        ctx = Context()
+        store = None
+        if stage.centroids is not None:
+            store = CentroidStore(stage.centroids, **store_kwargs(self.cfg))
+        ctx = Context(centroids=store)
         torch.manual_seed(self.cfg.train.seed)
         program = stage.program
         optimizers = program.setup(ctx)
+        program.start(0, ctx)
         order_ids = np.argsort(self.ids)
         joined = {}
         for name, per_id in stage.join.items():  # rows in self.ids order
@@ -79,7 +90,8 @@ class LocalRunner:
             history.append({"epoch": epoch, **program.end_epoch(epoch, ctx),
                             "images_per_s": seen / max(1e-9, time.perf_counter() - t0)})
         state = {k: v.detach().cpu().numpy() for k, v in program.module.state_dict().items()}
-        return TrainResult(state, history, [o.state_dict() for o in optimizers])
+        return TrainResult(state, history, [o.state_dict() for o in optimizers],
+                           None if store is None else store.centroids.copy())
 
     def _rows(self, rows: np.ndarray, joined: dict[str, np.ndarray]) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.ids[rows], "pixels": self.pixels[rows].numpy()}

@@ -20,6 +20,7 @@ from pipeline.methods.online import (
     make_optimizer,
     online_loss,
 )
+from tests.test_cluster_job import digits_shards  # noqa: F401  (fixture)
 
 NO_RESEED = 10**9  # reseed_every: no starved-cluster check, so centroids follow the math only
 
@@ -268,3 +269,24 @@ def test_round_ids_stay_unique_across_epochs_that_end_mid_round():
     worker.run_epoch(identity_batches(7, 3), train_cnn=False)
     ids = [r for r, _ in store.rounds]
     assert ids == sorted(set(ids)), ids  # today: [0, 1, 2, 2, 3, 4]
+
+
+def test_online_runs_in_the_reference_runner(digits_shards, tmp_path):  # noqa: F811
+    """The whole method in one process against the in-process CentroidStore (the server's
+    reference): the sampled initial pool, a warm-up epoch, a joint epoch, the export."""
+    from pipeline.config import Config, resolve
+    from pipeline.methods.reference import run_reference
+
+    cfg = resolve(Config, None, ["cluster.k=10", "train.epochs=2", "train.warmup_epochs=1",
+                                 "train.batch_size=64", "data.image_size=16",
+                                 "model.feature_dim=16"],
+                  {"data.input": digits_shards, "data.output": str(tmp_path / "run")})
+    trained = run_reference(cfg, digits_shards)
+    assert trained.centroids.shape == (10, 16)
+    assert [row["epoch"] for row in trained.history] == [0, 1]
+    warmup, joint = trained.history
+    assert warmup["images"] == joint["images"] == 28 * 64  # 28 steps of 64 an epoch
+    assert "loss" in joint and "loss" not in warmup  # the warm-up trains no CNN
+    # NMI of the training-time assignments; measured 0.22 (k-means on frozen random
+    # features) then 0.51 after one joint epoch
+    assert warmup["nmi"] > 0.15 and joint["nmi"] > 0.4 and joint["nmi"] > warmup["nmi"]

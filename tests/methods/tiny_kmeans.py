@@ -22,7 +22,7 @@ from torch import nn
 from pipeline.config import Config
 from pipeline.kmeans.init import seed_centroids
 from pipeline.methods.arch import model_arch
-from pipeline.methods.base import Context, Embed, Stages, Train
+from pipeline.methods.base import Context, Embed, Hooks, Stages, Train
 from pipeline.models.arch import build_from_arch
 from pipeline.models.weights import save_bytes
 from pipeline.outputs import TrainedModel
@@ -50,7 +50,7 @@ class Centroids(nn.Module):
             buffer.zero_()
 
 
-class Lloyd:
+class Lloyd(Hooks):
     """One Lloyd iteration per epoch over ``feature`` (b, d) batches."""
 
     def __init__(self, init: np.ndarray):
