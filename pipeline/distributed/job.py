@@ -60,19 +60,29 @@ def initial_pool(cfg: Config, shards: Shards, model: torch.nn.Module
     return rows, pool
 
 
-def training_images(cfg: Config, input_uri: str, shards: Shards, columns: list[str]) -> Any:
+def training_images(cfg: Config, input_uri: str, shards: Shards, columns: list[str],
+                    cached: Any = None) -> Any:
     """The decoded training stream (``columns`` plus ``label`` when present), in a new random
     order every epoch (:class:`~pipeline.data.reader.ShuffleSpec`); with
-    ``data.cache_decoded`` decoded once and re-ordered in the object store."""
+    ``data.cache_decoded`` decoded once (``cached``: :func:`decoded_images`, materialised)
+    and re-ordered in the object store."""
     shuffle = ShuffleSpec.of(cfg, shards)
     log.info("training order: %s shuffle (data.shuffle=%s), %d-row local buffer per worker",
              shuffle.mode, cfg.data.shuffle, shuffle.buffer_rows)
-    cached = cfg.data.cache_decoded
+    if cfg.data.cache_decoded:
+        images = cached if cached is not None else decoded_images(cfg, input_uri, shards,
+                                                                  columns).materialize()
+        return shuffle.apply(images)
+    return decoded_images(cfg, input_uri, shards, columns, shuffle)
+
+
+def decoded_images(cfg: Config, input_uri: str, shards: Shards, columns: list[str],
+                   shuffle: ShuffleSpec | None = None) -> Any:
+    """The decoded images (``columns`` plus ``label`` when present), in stored order or,
+    with ``shuffle``, in a new random order every epoch."""
     images = read_images(input_uri, decode_spec(cfg), s3=cfg.s3,
-                         batch_size=cfg.data.decode_batch_size,
-                         shuffle=None if cached else shuffle)
-    images = images.select_columns(columns + (["label"] if shards.has_label else []))
-    return shuffle.apply(images.materialize()) if cached else images
+                         batch_size=cfg.data.decode_batch_size, shuffle=shuffle)
+    return images.select_columns(columns + (["label"] if shards.has_label else []))
 
 
 def start_servers(cfg: Config, paths: RunPaths, init: np.ndarray

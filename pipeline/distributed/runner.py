@@ -52,7 +52,7 @@ from pipeline import methods
 from pipeline.config import Config
 from pipeline.data import fs as fsx
 from pipeline.data.fs import Location
-from pipeline.data.reader import Shards, decode_spec, find_shards, read_images
+from pipeline.data.reader import Shards, find_shards
 from pipeline.distributed import checkpoint
 from pipeline.distributed.features import check_feature_memory
 from pipeline.methods.base import (
@@ -183,14 +183,16 @@ class LongLivedTrainer:
             self.error, message = exc, f"training failed: {exc}"
         self.desk.fail.remote(message)
 
-    def close(self) -> None:
-        """Let the workers finish and the Ray Train run end; raises what it raised."""
+    def close(self, wait: bool = True) -> None:
+        """Stop the workers at their next stage; with ``wait``, until the Ray Train run has
+        ended, raising what it raised."""
         if self.thread is None:
             return
         self.desk.stop.remote()
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
+        if wait:
+            self.thread.join()
+            if self.error is not None:
+                raise self.error
 
 
 def _split_config() -> Any:
@@ -232,17 +234,18 @@ class RayRunner:
     def _datasets(self) -> dict[str, Any]:
         """``train``: the shuffled training stream; ``embed``: the decoded images in stored
         order (with ``data.cache_decoded`` both come from one materialised copy)."""
-        from pipeline.distributed.job import training_images
+        from pipeline.distributed.job import decoded_images, training_images
 
-        columns = ["id", "pixels"] + (["label"] if self.shards.has_label else [])
-        train = training_images(self.cfg, self.input_uri, self.shards, ["id", "pixels"])
-        embed = read_images(self.input_uri, decode_spec(self.cfg), s3=self.cfg.s3,
-                            batch_size=self.cfg.data.decode_batch_size)
-        return {"train": train, "embed": embed.select_columns(columns)}
+        args = (self.cfg, self.input_uri, self.shards, ["id", "pixels"])
+        embed = decoded_images(*args)
+        if self.cfg.data.cache_decoded:
+            embed = embed.materialize()
+        return {"train": training_images(*args, cached=embed), "embed": embed}
 
     def _claim(self, name: str) -> None:
         if name in self.names or not name or "/" in name:
-            raise ValueError(f"stage names must be unique and plain; got {name!r} twice")
+            raise ValueError(f"stage {name!r}: names must be unique in a run, non-empty and "
+                             "without '/'")
         self.names.add(name)
 
     def embed(self, stage: Embed) -> PerId:
@@ -301,8 +304,8 @@ class RayRunner:
             self._rows = count_rows(self.shards)
         return self._rows
 
-    def close(self) -> None:
-        self.trainer.close()
+    def close(self, wait: bool = True) -> None:
+        self.trainer.close(wait)
 
 
 def count_rows(shards: Shards) -> int:
@@ -414,8 +417,10 @@ def train_stages(cfg: Config, input_uri: str, paths: RunPaths) -> TrainedModel:
     runner = RayRunner(cfg, input_uri, paths)
     try:
         trained: TrainedModel = drive(stages, runner)
-    finally:
-        runner.close()
+    except BaseException:
+        runner.close(wait=False)  # the run is failing: do not wait for a stage in flight
+        raise
+    runner.close()
     return trained
 
 
