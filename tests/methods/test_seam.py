@@ -83,8 +83,9 @@ def test_reference_and_ray_runner_agree(tiny, digits_shards, tmp_path):  # noqa:
 
     out = str(tmp_path / "run")
     ref = run_reference(cfg_of(digits_shards, out), digits_shards)
+    # decoded once (data.cache_decoded): both of the runner's datasets share that copy
     metrics = run(cfg_of(digits_shards, out, "debug.kill_worker_at_step=5",
-                         "scale.checkpoint_every_steps=2"))
+                         "scale.checkpoint_every_steps=2", "data.cache_decoded=true"))
     assert os.path.exists(os.path.join(out, "checkpoints", "_fault-worker"))  # it was killed
     assert metrics["method"] == "tiny-kmeans" and metrics["n_images"] == 1797
     for name in ("report.html", "run.json", "stages/frozen-features.npz",
