@@ -495,8 +495,8 @@ def _with_servers(ctx: Context, servers: dict[str, Any] | None) -> Context:
 
 def embed_sample(stage: Embed, cfg: Config, ids: np.ndarray, pixels: torch.Tensor,
                  labels: list[str] | None) -> PerId:
-    """Features of a sample's pixels (m, C, H, W) in this process, batches of
-    ``cluster.assign_batch_size`` (the reference runner's too)."""
+    """Features of a sample's pixels (m, C, H, W) in this process, in batches of
+    ``cluster.assign_batch_size`` (as the reference runner embeds)."""
     from pipeline.models.arch import load_model
 
     model = load_model(stage.model, stage.arch, torch.device("cpu"))
