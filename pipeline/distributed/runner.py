@@ -495,17 +495,11 @@ def _with_servers(ctx: Context, servers: dict[str, Any] | None) -> Context:
 
 def embed_sample(stage: Embed, cfg: Config, ids: np.ndarray, pixels: torch.Tensor,
                  labels: list[str] | None) -> PerId:
-    """Features of a sample's pixels (m, C, H, W) in this process, in batches of
-    ``cluster.assign_batch_size`` (as the reference runner embeds)."""
-    from pipeline.models.arch import load_model
+    """Features of a sample's pixels (m, C, H, W) in this process, as the reference runner
+    embeds (:func:`~pipeline.methods.reference.embed_pixels`)."""
+    from pipeline.methods.reference import embed_pixels
 
-    model = load_model(stage.model, stage.arch, torch.device("cpu"))
-    if stage.batch_stats:
-        model.train()
-    d = int(stage.arch["feature_dim"])
-    with torch.inference_mode():
-        parts = [model(x).float().numpy() for x in pixels.split(cfg.cluster.assign_batch_size)]
-    features = np.concatenate(parts) if parts else np.zeros((0, d), np.float32)
+    features = embed_pixels(stage, pixels, cfg.cluster.assign_batch_size)
     return PerId(ids, {"feature": features},
                  None if labels is None else np.asarray(labels, str)).sorted()
 

@@ -48,13 +48,8 @@ class LocalRunner:
         rows = np.arange(len(self.ids))
         if stage.sample is not None:  # the same draw as the Ray runner's bottom-k sample
             rows = bottom_k(row_keys(self.ids, self.cfg.train.seed), stage.sample)
-        model = load_model(stage.model, stage.arch, torch.device("cpu"))
-        if stage.batch_stats:
-            model.train()
-        batch = self.cfg.cluster.assign_batch_size
-        with torch.inference_mode():
-            features = torch.cat([model(x) for x in self.pixels[rows].split(batch)]).numpy()
-        found = PerId(self.ids[rows], {"feature": features.astype(np.float32)},
+        features = embed_pixels(stage, self.pixels[rows], self.cfg.cluster.assign_batch_size)
+        found = PerId(self.ids[rows], {"feature": features},
                       None if self.labels is None else self.labels[rows]).sorted()
         found.facts["embed_s"] = time.perf_counter() - t0
         return found if stage.reduce is None else stage.reduce(found, LocalShards.scatter)
@@ -99,6 +94,19 @@ class LocalRunner:
             out["label"] = self.labels[rows]
         out.update({name: array[rows] for name, array in joined.items()})
         return out
+
+
+def embed_pixels(stage: Embed, pixels: torch.Tensor, batch: int) -> np.ndarray:
+    """Features (m, d) float32 of normalised pixels (m, C, H, W) under ``stage``'s model, on
+    the CPU in batches of ``batch`` (BatchNorm from each batch with ``stage.batch_stats``).
+    The Ray runner embeds its sampled stages with this too."""
+    model = load_model(stage.model, stage.arch, torch.device("cpu"))
+    if stage.batch_stats:
+        model.train()
+    with torch.inference_mode():
+        parts = [model(x).float().numpy() for x in pixels.split(batch)]
+    d = int(stage.arch["feature_dim"])
+    return np.concatenate(parts) if parts else np.zeros((0, d), np.float32)
 
 
 def _decode_all(cfg: Config, uri: str) -> tuple[np.ndarray, torch.Tensor, np.ndarray | None]:
