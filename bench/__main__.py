@@ -6,7 +6,7 @@ import importlib
 import sys
 
 NAMES = ("quality", "ingest", "gpu_smoke", "throughput", "kmeans", "centroid_server", "memory",
-         "gpu_throughput", "deepcluster", "shuffle", "epoch_overhead", "report", "table")
+         "gpu_throughput", "deepcluster", "depict", "shuffle", "epoch_overhead", "report", "table")
 
 
 def main() -> int:

@@ -6,8 +6,10 @@ import sys
 import time
 
 # (history key, format) of the figures a progress line shows when present.
-FIGURES = (("loss", "loss {:.4f}"), ("sqdist", "sqdist {:.4f}"), ("nmi", "NMI {:.3f}"),
-           ("acc", "ACC {:.3f}"), ("images_per_s", "{:,.0f} images/s"))
+FIGURES = (("loss", "loss {:.4f}"), ("sqdist", "sqdist {:.4f}"),
+           ("reconstruction", "reconstruction {:.4f}"), ("clustering", "clustering {:.4f}"),
+           ("changed", "changed {:.4f}"), ("nmi", "NMI {:.3f}"), ("acc", "ACC {:.3f}"),
+           ("images_per_s", "{:,.0f} images/s"))
 
 
 def say(line: str) -> None:

@@ -88,9 +88,19 @@ def of(checkpoint: Any) -> TrainState:
         return read(path)
 
 
+_RESTORED: dict[str, bool] = {"taken": False}
+
+
 def latest() -> TrainState | None:
-    """This worker group's latest checkpoint (after a restart or a re-run), if any."""
+    """This worker group's checkpoint to resume from (after a restart or a re-run), if any,
+    on the first call in this worker process only. Ray Train hands every later call the
+    same start-time checkpoint: later stages of a long-lived run must not resume from it,
+    and ``num_to_keep`` may have deleted it by then (measured: a FileNotFoundError on rank 1
+    at the stage after a restarted 2-worker group's)."""
     import ray.train
 
+    if _RESTORED["taken"]:
+        return None
+    _RESTORED["taken"] = True
     checkpoint = ray.train.get_checkpoint()
     return None if checkpoint is None else of(checkpoint)

@@ -549,7 +549,7 @@ def stage_loop(cfg: Config, stage: Train, shard: Any, ctx: Context
     join = _Join(stage.join)
     progress = Progress(stage.epochs, enabled=ctx.rank == 0)
     began = time.monotonic()
-    local = cfg.train.batch_size // ctx.world
+    local = (stage.batch_size or cfg.train.batch_size) // ctx.world
     for epoch in range(at["epoch"], stage.epochs):
         progress.start_epoch()
         if stage.lr is not None:

@@ -21,7 +21,7 @@ MAX_CHUNK = 65536
 
 
 def faiss_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0, gpu: bool = False,
-                 max_points_per_centroid: int | None = None) -> np.ndarray:
+                 max_points_per_centroid: int | None = None, redo: int = 1) -> np.ndarray:
     """Lloyd's k-means by ``faiss.Kmeans`` (L2, spherical=False): float32 centroids (k, d).
 
     Args:
@@ -30,6 +30,7 @@ def faiss_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0, gpu: boo
         gpu: run on the GPU(s) (needs faiss-gpu).
         max_points_per_centroid: faiss subsamples the training set to k times this;
             ``None`` uses every point, as DeepCluster (Caron et al. 2018) does.
+        redo: runs from different seeds; the one of lowest inertia is kept (faiss ``nredo``).
 
     faiss splits empty clusters off large ones itself (``Clustering::train``).
     """
@@ -40,7 +41,7 @@ def faiss_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0, gpu: boo
         raise ValueError(f"k: must be in [1, {len(x)}] for {len(x)} points, got {k}")
     cap = max_points_per_centroid or -(-len(x) // k) + 1
     km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, gpu=gpu, verbose=False,
-                      spherical=False, max_points_per_centroid=cap)
+                      spherical=False, max_points_per_centroid=cap, nredo=redo)
     km.train(x)
     return np.asarray(km.centroids, dtype=np.float32).reshape(k, x.shape[1])
 

@@ -20,7 +20,10 @@ A method is one module in this package (its algorithm, no Ray), a config section
   architecture record (:func:`pipeline.models.arch.backbone_arch`) to the method
   (:mod:`pipeline.methods.arch`);
 * ``reads``: the method-specific settings it uses (:data:`METHOD_SETTINGS`), so a changed
-  setting that the chosen method ignores is named in a warning (:func:`ignored_settings`).
+  setting that the chosen method ignores is named in a warning (:func:`ignored_settings`);
+* ``kinds``: model kinds of its own (``model.json``'s ``kind``) that ``module:build_model``
+  ``(arch) -> nn.Module`` builds, so ``model/`` of a finished run loads anywhere
+  (:func:`pipeline.models.arch.build_from_arch`) without a line outside the method.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class MethodInfo:
     reads: tuple[str, ...]
     arch: str | None = None
     stages: str | None = None  # "module:function" (cfg) -> stage generator (methods.base)
+    kinds: tuple[str, ...] = ()  # model kinds that module:build_model builds
 
     def train_fn(self) -> Callable[..., Any]:
         return load(self.trainer)
@@ -60,10 +64,11 @@ class MethodInfo:
 
 
 def staged(name: str, paper: str, module: str, reads: tuple[str, ...] = (),
-           arch: str | None = None) -> MethodInfo:
+           arch: str | None = None, kinds: tuple[str, ...] = ()) -> MethodInfo:
     """The registry line of a method written as stages (:mod:`pipeline.methods.base`):
     ``module`` defines ``stages(cfg)``; the shared stage runner trains it on Ray."""
-    return MethodInfo(name, paper, module, STAGE_RUNNER, reads, arch, f"{module}:stages")
+    return MethodInfo(name, paper, module, STAGE_RUNNER, reads, arch, f"{module}:stages",
+                      kinds)
 
 
 # Settings that only some methods use: whole sections (a trailing dot) or single keys.
@@ -71,6 +76,10 @@ _CENTROID_SERVER = ("cluster.sync_every", "cluster.max_staleness", "cluster.drif
                     "cluster.drift_smoothing", "cluster.reseed_every", "cluster.reseed_ratio",
                     "cluster.reservoir_size", "cluster.persist_every", "scale.centroid_shards",
                     "debug.kill_server_at_round")
+
+# Full feature passes and k-means over them (DeepCluster's section holds them).
+_FEATURE_PASSES = ("deepcluster.local_max_points", "deepcluster.kmeans_shards",
+                   "deepcluster.feature_dtype", "deepcluster.max_feature_memory_fraction")
 
 REGISTRY: dict[str, MethodInfo] = {
     "online": staged(
@@ -80,8 +89,12 @@ REGISTRY: dict[str, MethodInfo] = {
         "deepcluster", "Caron et al. 2018", "pipeline.methods.deepcluster",
         reads=("deepcluster.", "train.lr_schedule"),
         arch="pipeline.methods.deepcluster:adapt_arch"),
+    "depict": staged(
+        "depict", "Dizaji et al. 2017", "pipeline.methods.depict",
+        reads=("depict.", *_FEATURE_PASSES),
+        arch="pipeline.methods.depict:adapt_arch", kinds=("depict",)),
 }
-PLANNED = ("depict", "imc", "multiview")  # named in the config's Method type, not built yet
+PLANNED = ("imc", "multiview")  # named in the config's Method type, not built yet
 METHOD_SETTINGS = tuple(dict.fromkeys(key for m in REGISTRY.values() for key in m.reads))
 
 
@@ -95,6 +108,15 @@ def get(name: str) -> MethodInfo:
         what = "is not implemented yet" if name in PLANNED else "is not a method"
         raise ConfigError(f"method: {name!r} {what}; available: {', '.join(available())}")
     return REGISTRY[name]
+
+
+def model_builder(kind: str) -> Callable[..., Any] | None:
+    """``build_model`` of the method whose model kind ``kind`` is, or None. Only registered
+    modules are imported: a ``model.json`` cannot name code to run."""
+    for info in REGISTRY.values():
+        if kind in info.kinds:
+            return load(f"{info.module}:build_model")
+    return None
 
 
 def load(dotted: str) -> Callable[..., Any]:

@@ -180,8 +180,8 @@ class Embed:
 
 @dataclass
 class Train:
-    """``epochs`` of ``program`` over the shuffled stream (``cfg.train.batch_size`` a step,
-    split over workers), with ``join[name]`` arrays added to each batch by id. An epoch is
+    """``epochs`` of ``program`` over the shuffled stream (``batch_size``, else
+    ``cfg.train.batch_size``, images a step, split over workers), with ``join[name]`` arrays added to each batch by id. An epoch is
     ``passes`` passes over the stream; ``lr[e]``, when given, is every optimiser's learning
     rate in epoch ``e``. With ``centroids`` (k, d), the runner serves them from a centroid
     server for the stage (``ctx.centroids``), checkpoints its state with the program's and
@@ -194,6 +194,7 @@ class Train:
     passes: int = 1
     lr: list[float] | None = None
     centroids: np.ndarray | None = None
+    batch_size: int | None = None  # the global batch; None = train.batch_size
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 It reads the input shards with pyarrow, decodes with the same decoder as the Ray path,
 embeds with the model in eval mode (as the Ray runner's workers do) and trains a program over a seeded permutation per epoch, in batches of
-``train.batch_size`` (the last partial batch dropped, as on Ray). Tests hold the Ray runner
+the stage's batch size (the last partial batch dropped, as on Ray). Tests hold the Ray runner
 to it; it is also the easiest place to debug a new method.
 """
 
@@ -70,7 +70,7 @@ class LocalRunner:
                             per_id.arrays[name].dtype)
             rows[order_ids] = per_id.take(self.ids[order_ids], name)
             joined[name] = rows
-        batch, history = self.cfg.train.batch_size, []
+        batch, history = stage.batch_size or self.cfg.train.batch_size, []
         for epoch in range(stage.epochs):
             if stage.lr is not None:
                 set_lr(optimizers, stage.lr[epoch])

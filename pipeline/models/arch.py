@@ -42,13 +42,20 @@ def _whitened(arch: dict[str, Any]) -> nn.Module:
 
 
 def build_from_arch(arch: dict[str, Any]) -> nn.Module:
-    """The model an arch record describes, by its ``kind``. Records written before kinds
-    existed are told apart by ``whiten_from``."""
+    """The model an arch record describes, by its ``kind``: the shared embedders, or a
+    method's own model (:func:`pipeline.methods.model_builder`). Records written before
+    kinds existed are told apart by ``whiten_from``."""
     kind = arch.get("kind") or ("whitened_embedder" if arch.get("whiten_from") else "embedder")
     if kind == "embedder":
         return _embedder(arch, arch["feature_dim"])
     if kind == "whitened_embedder":
         return _whitened(arch)
+    from pipeline.methods import model_builder
+
+    build = model_builder(kind)
+    if build is not None:
+        model: nn.Module = build(arch)
+        return model
     raise ValueError(f"model.json: unknown model kind {kind!r}")
 
 

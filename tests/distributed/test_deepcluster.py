@@ -12,7 +12,7 @@ from pipeline.config import Config, resolve
 from pipeline.data.reader import InputError
 from pipeline.distributed.features import check_feature_memory
 from pipeline.distributed.runner import RemoteShards
-from pipeline.methods.deepcluster import LocalShard, cluster, lloyd
+from pipeline.kmeans.shards import LocalShard, cluster, lloyd
 from tests.test_cluster_job import digits_shards, run_job  # noqa: F401  (fixture)
 
 

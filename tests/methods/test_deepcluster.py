@@ -7,14 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.kmeans.shards import LocalShard, cluster, fill_empty, lloyd
 from pipeline.methods.deepcluster import (
-    LocalShard,
     MomentStats,
     Whitening,
     class_weights,
-    cluster,
-    fill_empty,
-    lloyd,
     pseudo_label_loss,
 )
 from pipeline.metrics import nmi

@@ -10,7 +10,7 @@ from pipeline import methods
 from pipeline.config import Config, ConfigError, resolve
 
 
-@pytest.mark.parametrize("name", ["imc", "depict"])
+@pytest.mark.parametrize("name", ["imc", "multiview"])
 def test_config_validation_refuses_an_unbuilt_method_with_the_choices(name):
     with pytest.raises(ConfigError, match=rf"method: '{name}' is not implemented yet; "
                                           r"available: online, deepcluster"):

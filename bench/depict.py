@@ -1,0 +1,119 @@
+"""``depict`` with its defaults, next to raw-pixel k-means and ``online`` from the same script.
+
+    python -m bench depict            # MNIST test (10,000) and a CIFAR-10 subset (10,000),
+                                      # plus the ablations on 3,000 MNIST digits (~45 min)
+    python -m bench depict --quick    # 3,000 MNIST digits, short budgets (< 5 min)
+
+Every run trains from scratch on this machine through the main job (``pipeline.run``: Ray
+Data, Ray Train, the assignment pass, metrics, report). DEPICT runs with its default config
+(only the dataset's input settings are given); on MNIST its defaults must fit the issue's
+15 minutes of wall time for the whole run, and ``online`` gets 300 s of training. On
+CIFAR-10 both get ``--cifar-budget`` seconds (``train.time_budget_s``). The NMI of
+each DEPICT round (its clean pass) is the per-epoch curve. Raw-pixel k-means is
+scikit-learn's ``KMeans`` (k = 10, 10 restarts) on pixels in [0, 1].
+
+The ablations (noisy/clean pathways against a plain autoencoder, ``sqrt`` against ``dec``
+targets) run on 3,000 MNIST digits with a shorter budget, one setting changed at a time.
+Speed: training images/s of DEPICT's joint epochs against ``online``'s on the same data.
+
+Headline: DEPICT's MNIST NMI; the issue's floor is 0.85, its target 0.915 (the paper's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Any
+
+from bench.common import REPO, write_result
+from bench.deepcluster import cifar_shards, mnist_shards, raw_pixel_kmeans
+
+WORK = REPO / "work" / "bench" / "depict"
+INPUTS = {"mnist": [], "cifar10": ["data.image_size=32", "data.channels=3",
+                                   "data.mean=[0.49,0.48,0.45]", "data.std=[0.25,0.24,0.26]"]}
+COMMON = ["cluster.k=10", "report.sample_rows=2000", "scale.threads_per_worker=2"]
+
+
+def run_method(shards: str, name: str, settings: list[str]) -> dict[str, Any]:
+    from pipeline.config import Config, resolve
+    from pipeline.data import fs as fsx
+    from pipeline.run import run
+
+    out = str(WORK / "runs" / name)
+    fsx.remove_tree(fsx.locate(out))  # a benchmark measures a fresh run
+    cfg = resolve(Config, None, COMMON + settings, {"data.input": shards, "data.output": out})
+    start = time.perf_counter()
+    metrics = run(cfg)
+    rows = metrics["epochs"]
+    joint = [r for r in rows if r.get("stage") == "joint"]
+    speed = [r["images_per_s"] for r in (joint or rows) if "images_per_s" in r]
+    result = {"nmi": round(metrics["nmi"], 4), "acc": round(metrics["acc"], 4),
+              "ari": round(metrics["ari"], 4), "wall_s": round(time.perf_counter() - start, 1),
+              "train_images_per_s": round(sum(speed) / len(speed), 1) if speed else None,
+              "empty_clusters": metrics["cluster_sizes"]["empty"], "settings": settings}
+    if joint:
+        result["curve"] = [{"epoch": r["epoch"], "nmi": round(r["nmi"], 4),
+                            "acc": round(r["acc"], 4), "changed": round(r["changed"], 4)}
+                           for r in rows if "nmi" in r]
+        result["rounds"] = len(joint)
+    print(f"  {name}: NMI {result['nmi']:.3f} ACC {result['acc']:.3f} ARI {result['ari']:.3f}"
+          f" ({result['wall_s']:.0f} s)", flush=True)
+    return result
+
+
+def dataset_rows(dataset: str, shards: str, raw: Any, labels: Any, budget: float | None,
+                 online_budget: float) -> dict[str, Any]:
+    row = {"images": len(labels), "raw_pixel_kmeans": raw_pixel_kmeans(raw, labels)}
+    given = INPUTS[dataset]
+    limit = [f"train.time_budget_s={budget}"] if budget else []
+    row["depict"] = run_method(shards, f"{dataset}-depict", ["method=depict", *given, *limit])
+    row["online"] = run_method(shards, f"{dataset}-online",
+                               ["method=online", *given, "train.epochs=200",
+                                f"train.time_budget_s={online_budget}"])
+    return row
+
+
+def ablations(shards: str, budget: float) -> dict[str, Any]:
+    variants = {"default": [], "plain_autoencoder": ["depict.noisy=false"],
+                "dec_targets": ["depict.target=dec"]}
+    return {name: run_method(shards, f"ablation-{name}", ["method=depict",
+                                                         f"train.time_budget_s={budget}",
+                                                         *extra])
+            for name, extra in variants.items()}
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench depict")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--budget", type=float, default=None,
+                   help="DEPICT's training seconds on MNIST (default: none; its defaults fit "
+                        "the 15 minutes)")
+    p.add_argument("--cifar-budget", type=float, default=300.0)
+    args = p.parse_args(argv)
+    from pipeline.distributed.runtime import init_ray
+
+    init_ray(num_cpus=os.cpu_count())
+    results: dict[str, Any] = {}
+    small = mnist_shards(3000)
+    if args.quick:
+        shards, raw, labels = small
+        budget = args.budget or 60.0
+        results["mnist-3000"] = dataset_rows("mnist", shards, raw, labels, budget, budget)
+    else:
+        shards, raw, labels = mnist_shards(10_000)
+        results["mnist"] = dataset_rows("mnist", shards, raw, labels, args.budget, 300.0)
+        shards, raw, labels = cifar_shards(10_000)
+        results["cifar10"] = dataset_rows("cifar10", shards, raw, labels, args.cifar_budget,
+                                          args.cifar_budget)
+        results["ablations_mnist_3000"] = ablations(small[0], 120.0)
+    key = "mnist-3000" if args.quick else "mnist"
+    got = results[key]["depict"]
+    headline = {"name": f"{key}_depict_nmi", "value": got["nmi"], "target": 0.915,
+                "floor": 0.85, "meets": got["nmi"] >= 0.85,
+                "wall_s": got["wall_s"], "wall_limit_s": 900}
+    path = write_result("depict" + ("-quick" if args.quick else ""), headline,
+                        {"datasets": results, "quick": args.quick})
+    print(f"depict: {key} NMI {got['nmi']:.3f} (floor 0.85, target 0.915) in "
+          f"{got['wall_s']:.0f} s -> {path}")
+    return 0
