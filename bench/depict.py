@@ -54,8 +54,8 @@ def run_method(shards: str, name: str, settings: list[str]) -> dict[str, Any]:
               "empty_clusters": metrics["cluster_sizes"]["empty"], "settings": settings}
     if joint:
         result["curve"] = [{"epoch": r["epoch"], "nmi": round(r["nmi"], 4),
-                            "acc": round(r["acc"], 4), "changed": round(r["changed"], 4)}
-                           for r in rows if "nmi" in r]
+                            "acc": round(r["acc"], 4), "changed": round(r.get("changed", 1), 4),
+                            "stage": r["stage"]} for r in rows if "nmi" in r]
         result["rounds"] = len(joint)
     print(f"  {name}: NMI {result['nmi']:.3f} ACC {result['acc']:.3f} ARI {result['ari']:.3f}"
           f" ({result['wall_s']:.0f} s)", flush=True)
