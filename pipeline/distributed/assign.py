@@ -26,7 +26,7 @@ from pipeline.data.decode import DecodeSpec
 from pipeline.data.reader import DecodeImages
 from pipeline.distributed.runtime import setup_worker
 from pipeline.kmeans.stats import assign
-from pipeline.models.arch import load_model
+from pipeline.methods.arch import load_model
 
 
 @dataclass(frozen=True)

@@ -507,7 +507,7 @@ def embed_sample(stage: Embed, cfg: Config, ids: np.ndarray, pixels: torch.Tenso
 def embed_share(cfg: Config, stage: Embed, shard: Any, ctx: Context) -> PerId:
     """This worker's share of the pass: features (n, d) in ``deepcluster.feature_dtype``
     (fp16 autocast on CUDA), unsorted."""
-    from pipeline.models.arch import load_model
+    from pipeline.methods.arch import load_model
 
     model = load_model(stage.model, stage.arch, ctx.device)
     if stage.batch_stats:

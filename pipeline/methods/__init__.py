@@ -23,7 +23,7 @@ A method is one module in this package (its algorithm, no Ray), a config section
   setting that the chosen method ignores is named in a warning (:func:`ignored_settings`);
 * ``kinds``: model kinds of its own (``model.json``'s ``kind``) that ``module:build_model``
   ``(arch) -> nn.Module`` builds, so ``model/`` of a finished run loads anywhere
-  (:func:`pipeline.models.arch.build_from_arch`) without a line outside the method.
+  (:func:`pipeline.methods.arch.load_model`) without a line outside the method.
 """
 
 from __future__ import annotations

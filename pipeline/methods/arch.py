@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from pipeline.config import Config
-from pipeline.methods import get, load
+from pipeline.methods import get, load, model_builder
+from pipeline.models import arch as models_arch
 from pipeline.models.arch import backbone_arch, build_from_arch
 
 
@@ -18,9 +20,23 @@ def model_arch(cfg: Config) -> dict[str, Any]:
     return load(adapt)(cfg, arch) if adapt else arch
 
 
+def build_any(arch: dict[str, Any]) -> nn.Module:
+    """The model an arch record (``model/model.json``) describes: a registered method's own
+    kind (:func:`pipeline.methods.model_builder`), else a shared one."""
+    build = model_builder(str(arch.get("kind", "")))
+    model: nn.Module = build(arch) if build is not None else build_from_arch(arch)
+    return model
+
+
+def load_model(model_bytes: bytes, arch: dict[str, Any], device: torch.device) -> nn.Module:
+    """A trained model of any kind (safetensors bytes) in eval mode on ``device``: what the
+    feature passes, the assign job and the report load."""
+    return models_arch.load_model(model_bytes, arch, device, build=build_any)
+
+
 def build_model(cfg: Config) -> nn.Module:
     """A fresh model for ``cfg`` (the method's architecture; weights from torch's RNG)."""
-    return build_from_arch(model_arch(cfg))
+    return build_any(model_arch(cfg))
 
 
 def initial_model(cfg: Config) -> nn.Module:

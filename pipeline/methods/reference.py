@@ -21,6 +21,7 @@ from pipeline.data.decode import decode_batch, normalize
 from pipeline.data.reader import decode_spec, find_shards
 from pipeline.data.sampling import bottom_k, row_keys
 from pipeline.kmeans.store import CentroidStore, store_kwargs
+from pipeline.methods.arch import load_model
 from pipeline.methods.base import (
     Context,
     Embed,
@@ -32,7 +33,6 @@ from pipeline.methods.base import (
     set_lr,
     to_batch,
 )
-from pipeline.models.arch import load_model
 from pipeline.outputs import TrainedModel
 
 

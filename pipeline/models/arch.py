@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,25 +43,20 @@ def _whitened(arch: dict[str, Any]) -> nn.Module:
 
 
 def build_from_arch(arch: dict[str, Any]) -> nn.Module:
-    """The model an arch record describes, by its ``kind``: the shared embedders, or a
-    method's own model (:func:`pipeline.methods.model_builder`). Records written before
+    """The model an arch record describes, by its ``kind`` (the shared embedders; a method's
+    own kinds go through :func:`pipeline.methods.arch.build_any`). Records written before
     kinds existed are told apart by ``whiten_from``."""
     kind = arch.get("kind") or ("whitened_embedder" if arch.get("whiten_from") else "embedder")
     if kind == "embedder":
         return _embedder(arch, arch["feature_dim"])
     if kind == "whitened_embedder":
         return _whitened(arch)
-    from pipeline.methods import model_builder
-
-    build = model_builder(kind)
-    if build is not None:
-        model: nn.Module = build(arch)
-        return model
     raise ValueError(f"model.json: unknown model kind {kind!r}")
 
 
-def load_model(model_bytes: bytes, arch: dict[str, Any], device: torch.device) -> nn.Module:
-    """A trained model (safetensors bytes) in eval mode on ``device``."""
-    model = build_from_arch(arch)
+def load_model(model_bytes: bytes, arch: dict[str, Any], device: torch.device,
+               build: Callable[[dict[str, Any]], nn.Module] = build_from_arch) -> nn.Module:
+    """A trained model (safetensors bytes) in eval mode on ``device``, built by ``build``."""
+    model = build(arch)
     model.load_state_dict(st_load(model_bytes))
     return model.to(device).eval()

@@ -5,7 +5,7 @@ Points are the images the report already fetched for the montages (per cluster t
 capped at ``report.map_points`` in all, so the map costs the same for 10 thousand or 1 billion
 images. They are embedded with the run's finished model exactly as the assign engine does
 (:func:`pipeline.data.decode.decode_batch`, :func:`pipeline.data.decode.normalize`,
-:func:`pipeline.models.arch.load_model`; CPU, eval mode, no grad), then projected to 2-D.
+:func:`pipeline.methods.arch.load_model`; CPU, eval mode, no grad), then projected to 2-D.
 
 Projection: PCA to 50 dimensions, then scikit-learn's Barnes-Hut t-SNE (van der Maaten &
 Hinton, JMLR 2008), seeded with ``train.seed``. Measured on the 2-core development machine
@@ -113,7 +113,7 @@ def embed(images: Sequence[bytes], model_bytes: bytes, arch: dict[str, object],
 
     from pipeline.data.decode import decode_batch, normalize
     from pipeline.distributed.assign import decode_spec_of
-    from pipeline.models.arch import load_model
+    from pipeline.methods.arch import load_model
 
     spec = decode_spec_of(arch, max_pixels)
     model = load_model(model_bytes, arch, torch.device("cpu"))
