@@ -8,8 +8,8 @@ train step (:class:`pipeline.methods.online.OnlineWorker`: small CNN forward/bac
 images at 32 px, assignment, statistics). As in production the model is wrapped in DDP over
 a gloo process group, so every step already ends in a gradient all-reduce across workers;
 "local" gives every worker its own in-process ``CentroidStore``, "server" gives them one
-centroid-server actor (``RemoteStore``: asynchronous sparse pushes, row-delta pulls, the
-default ``max_staleness=1``). The two modes alternate on the same actors, ``REPEATS`` times,
+centroid-server actor (``RemoteStore``: asynchronous sparse pushes, prefetched row deltas,
+a blocking server-side wait when a round is not applied yet, the default ``max_staleness=1``). The two modes alternate on the same actors, ``REPEATS`` times,
 and the medians are compared: overhead = (server - local) / local.
 
 Headline: overhead at k=1000, d=512 with the most workers; target <= 10 %.
@@ -84,7 +84,7 @@ class BenchWorker:
                     spent[0] += time.perf_counter() - t
             return wrapper
 
-        for name in ("push", "pull", "pull_rows"):
+        for name in ("push", "pull", "sync"):
             setattr(store, name, timed(getattr(store, name)))
         start = time.perf_counter()
         for _ in range(steps):
@@ -165,9 +165,10 @@ def server_capacity(k: int, d: int, batch: int, calls: int) -> dict[str, Any]:
         refs.append(server.push.remote(sums, counts, None, None, 0, i, samples, rows))
     ray.get(refs)
     push_s = (time.perf_counter() - start) / calls
-    version = ray.get(server.info.remote())["version"]
+    info = ray.get(server.info.remote())
     start = time.perf_counter()
-    ray.get([server.pull_rows.remote(version - 1) for _ in range(calls)])
+    ray.get([server.delta.remote(info["version"] - 1, info["incarnation"])
+             for _ in range(calls)])
     pull_s = (time.perf_counter() - start) / calls
     ray.kill(server)
     return {"k": k, "d": d, "batch": batch, "touched_rows": int(np.mean(

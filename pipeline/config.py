@@ -109,6 +109,11 @@ class ClusterConfig:
     # members (+100-120 % inertia over exact k-means, vs -16..+27 % off; README results).
     drift_compensation: bool = False
     drift_smoothing: float = 1.0  # fraction of the measured drift applied per round
+    # The held-out probe the drift is measured on (pipeline/kmeans/drift.py): images per
+    # cluster, at most drift_probe_max in all, and images re-embedded per round.
+    drift_probe: int = 4
+    drift_probe_max: int = 4096
+    drift_chunk: int = 64
     reseed_every: int = 20  # rounds between starved-cluster checks
     reseed_ratio: float = 0.05  # starved = recent count below this fraction of the largest
     reservoir_size: int = 4096  # recent features kept for reseeding starved clusters
@@ -422,6 +427,7 @@ def _nested(dotted: str, value: Any) -> dict[str, Any]:
 _POSITIVE_INT = [
     "data.image_size", "data.max_pixels", "data.decode_batch_size", "model.feature_dim", "model.width",
     "cluster.k", "cluster.init_pool", "cluster.init_pool_max", "cluster.sync_every", "cluster.reseed_every", "cluster.reservoir_size",
+    "cluster.drift_probe", "cluster.drift_probe_max", "cluster.drift_chunk",
     "cluster.assign_batch_size", "cluster.persist_every", "cluster.outlier_min_members",
     "report.sample_rows", "report.page_size", "report.max_montages", "report.thumb_px", "report.map_points", "report.map_legend",
     "train.epochs", "train.batch_size", "scale.workers",

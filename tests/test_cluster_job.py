@@ -79,21 +79,28 @@ def test_outputs_metrics_and_resume(digits_shards, tmp_path):
 
 def test_killed_worker_and_killed_server_shard_resume_with_every_round_applied(
         digits_shards, tmp_path):
-    """One run, two faults, on 2 centroid-server shards (``scale.centroid_shards``; that
-    shards do exactly the single server's arithmetic is tested at the actor level, in
+    """One run of 2 workers (batch 32 each: still 28 steps, rounds of 64 points), two
+    faults, on 2 centroid-server shards (``scale.centroid_shards``; that shards do exactly
+    the single server's arithmetic is tested at the actor level, in
     tests/distributed/test_centroid_server.py):
 
-    * shard 0 exits right after persisting version 20 (``cluster.persist_every=2``) and
-      restarts from that file, shard 1 is untouched;
+    * shard 0 exits right after persisting version 20 (``cluster.persist_every=2``), before
+      it answers the push that made it; Ray restarts it from that file and retries that
+      push, which it drops as a duplicate. Shard 1 is untouched;
     * rank 0 exits after step 30, the 2nd step of epoch 2. The last checkpoint before it is
       epoch 1's end, step 28 (checkpoints every 4 steps and at each epoch end): the restarted
-      group resumes there, keeps epoch 1's row, replays all of epoch 2 and re-seeds both
-      shards from the checkpoint, discarding the pushes of the lost steps 29-30."""
+      group (a new generation) resumes there, keeps epoch 1's row, replays all of epoch 2
+      and restarts both shards from the checkpoint, discarding the pushes of the lost
+      steps 29-30, and any the dead group still had queued.
+
+    Protocol v2 makes the count exact: every round applied once, from both workers."""
     out = str(tmp_path / "run")
     metrics = run_job(digits_shards, out, ["debug.kill_worker_at_step=30",
                                           "debug.kill_server_at_round=20",
-                                          "scale.centroid_shards=2",
-                                          "cluster.drift_compensation=true"])
+                                          "scale.centroid_shards=2", "scale.workers=2",
+                                          "cluster.drift_compensation=true",
+                                          # no reseeding: the weights then count points
+                                          "cluster.reseed_every=1000000"])
     checkpoints = os.path.join(out, "checkpoints")
     for name in ("_fault-worker", "centroid_server_state.npz.shard0.fault",
                  "centroid_server_state.npz.shard1"):
@@ -104,17 +111,14 @@ def test_killed_worker_and_killed_server_shard_resume_with_every_round_applied(
     assert len(epochs) == 2  # both epochs completed after the restart
     assert "resumed_from_step" not in epochs[0]
     assert epochs[1]["resumed_from_step"] == STEPS_PER_EPOCH
-    assert epochs[1]["images"] == STEPS_PER_EPOCH * 64
-    # Every round is applied once, as in an uninterrupted run, except that Ray retries the
-    # push shard 0 died in, and the reloaded state may already hold it (measured: one extra
-    # version on the killed server); re-initialised, shard 0 would restart at version 0.
+    assert epochs[1]["images"] == STEPS_PER_EPOCH * 32  # rank 0's half of each batch
+    # Every round is applied once, as in an uninterrupted run (before protocol v2 the
+    # killed shard applied the retried push twice: one extra version).
     parts = server_state(out)
-    shard0, shard1 = parts["shard_0"], parts["shard_1"]
-    assert shard1["version"] == ROUNDS and ROUNDS <= shard0["version"] <= ROUNDS + 1
-    assert shard0["next_round"] == shard1["next_round"] == ROUNDS
-    assert not shard0["pending"] and not shard1["pending"]
-    total = shard0["weights"].sum() + shard1["weights"].sum()
-    assert ROUNDS * 64 <= total <= (ROUNDS + 1) * 64
+    for shard in (parts["shard_0"], parts["shard_1"]):
+        assert shard["version"] == shard["next_round"] == ROUNDS and not shard["pending"]
+        assert shard["generation"] >= 2  # the restarted worker group's
+    assert parts["shard_0"]["weights"].sum() + parts["shard_1"]["weights"].sum() == ROUNDS * 64
 
 
 def job(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:

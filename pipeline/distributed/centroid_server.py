@@ -15,21 +15,32 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import threading
 from typing import Any
 
 import numpy as np
+import ray
 
 from pipeline.config import S3Config
 from pipeline.data import fs as fsx
 from pipeline.data.fs import Location
 from pipeline.kmeans.state_io import pack_state, unpack_state
-from pipeline.kmeans.store import CentroidStore, touched_rows
+from pipeline.kmeans.store import CentroidStore, Delta, touched_rows
 
 log = logging.getLogger(__name__)
 
+WAIT_THREADS = 64  # blocked waits at once: one per worker of the run is enough
+
 
 class CentroidServer:
-    """Actor body. ``init_centroids`` (k, d) seeds it unless ``state_uri`` holds a saved state."""
+    """Actor body. ``init_centroids`` (k, d) seeds it unless ``state_uri`` holds a saved state.
+
+    A threaded actor: :meth:`wait` runs in its own concurrency group (``wait``), blocking on
+    a condition that every applied push notifies, while pushes and pulls run one at a time
+    in the default group; every method holds the one lock around the store. Nothing in the
+    store depends on the order in which pushes arrive (Ray does not keep it for threaded
+    actors, nor across retries).
+    """
 
     def __init__(self, init_centroids: np.ndarray, store_kwargs: dict[str, Any],
                  state_uri: str | None = None, s3: S3Config | None = None,
@@ -39,47 +50,77 @@ class CentroidServer:
         self.persist_every = persist_every
         self.crash_at_round = crash_at_round
         self.restored = False
+        self.changed = threading.Condition()
         if self.state_loc is not None and fsx.exists(self.state_loc):
             self.store.load_state(unpack_state(fsx.read_bytes(self.state_loc)))
             self.restored = True
 
     def push(self, sums: np.ndarray, counts: np.ndarray, drift: np.ndarray | None = None,
              drift_counts: np.ndarray | None = None, worker: int = 0, step: int = 0,
-             samples: np.ndarray | None = None, rows: np.ndarray | None = None) -> int:
+             samples: np.ndarray | None = None, rows: np.ndarray | None = None,
+             generation: int = 0) -> int:
         """:meth:`CentroidStore.push` (dense or sparse ``rows``), then persist when due."""
-        before = self.store.version
-        version = self.store.push(sums, counts, drift, drift_counts, worker, step, samples, rows)
-        if version != before and version % self.persist_every == 0:
-            self.persist()
-        if version == self.crash_at_round and self.state_loc is not None:
+        with self.changed:
+            before = self.store.version
+            version = self.store.push(sums, counts, drift, drift_counts, worker, step, samples,
+                                      rows, generation)
+            if version != before:
+                self.changed.notify_all()
+                if version % self.persist_every == 0:
+                    self.persist()
+        if version != before and version == self.crash_at_round and self.state_loc is not None:
             loc = self.state_loc
             fault_once(Location(loc.fs, loc.path + ".fault", loc.uri + ".fault"))
         return version
 
     def pull(self, since_version: int = -1) -> tuple[int, np.ndarray] | None:
-        return self.store.pull(since_version)
+        with self.changed:
+            return self.store.pull(since_version)
 
-    def pull_rows(self, since_version: int) -> tuple[int, np.ndarray | None, np.ndarray] | None:
-        return self.store.pull_rows(since_version)
+    def delta(self, since_version: int = -1, incarnation: str | None = None) -> Delta:
+        with self.changed:
+            return self.store.delta(since_version, incarnation)
+
+    @ray.method(concurrency_group="wait")
+    def wait(self, since_version: int, incarnation: str | None, until_round: int,
+             timeout_s: float) -> Delta:
+        """:meth:`CentroidStore.delta` once ``next_round >= until_round``, or at once when
+        the caller's copy is from another incarnation, or after ``timeout_s``."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.store.next_round >= until_round
+                                  or incarnation != self.store.incarnation, timeout_s)
+            return self.store.delta(since_version, incarnation)
 
     def state(self) -> dict[str, Any]:
-        return self.store.state()
+        with self.changed:
+            return self.store.state()
 
     def load_state(self, state: dict[str, Any]) -> int:
-        self.store.load_state(state)
-        self.persist()
-        return self.store.version
+        return self.restart(state, self.store.generation)
+
+    def restart(self, state: dict[str, Any] | None, generation: int) -> int:
+        """:meth:`CentroidStore.restart`, persisted; wakes every waiting worker."""
+        with self.changed:
+            version = self.store.restart(state, generation)
+            self.persist()
+            self.changed.notify_all()
+            return version
 
     def persist(self) -> None:
         if self.state_loc is not None:
             fsx.write_bytes_atomic(self.state_loc, pack_state(self.store.state()))
 
     def info(self) -> dict[str, Any]:
-        return {"version": self.store.version, "k": self.store.k, "dim": self.store.dim,
-                "restored": self.restored}
+        with self.changed:
+            return {"version": self.store.version, "k": self.store.k, "dim": self.store.dim,
+                    "restored": self.restored, "incarnation": self.store.incarnation,
+                    "generation": self.store.generation, "next_round": self.store.next_round,
+                    "dropped": dict(self.store.dropped)}
 
+    @ray.method(max_task_retries=0)
     def crash(self) -> None:
-        """Fault injection for tests: kill this actor process."""
+        """Fault injection for tests: kill this actor process (once: never retried on the
+        restarted actor)."""
         os._exit(1)
 
 
@@ -98,7 +139,8 @@ def create_server(name: str, namespace: str | None, init_centroids: np.ndarray,
     """Start the named actor (``num_cpus=0``, restarts forever) and return its handle."""
     import ray
 
-    actor = ray.remote(CentroidServer).options(
+    actor = ray.remote(concurrency_groups={"wait": WAIT_THREADS})(  # type: ignore[call-overload]
+        CentroidServer).options(
         name=name, namespace=namespace, num_cpus=0, max_restarts=-1, max_task_retries=-1,
         get_if_exists=False,
     )
@@ -109,76 +151,72 @@ def create_server(name: str, namespace: str | None, init_centroids: np.ndarray,
 class RemoteStore:
     """Client a train worker uses: the :class:`CentroidClient` protocol over the actor.
 
-    Pushes are fire-and-forget; at most ``max_inflight`` stay unacknowledged, which bounds
-    memory and surfaces server errors within a few steps. Both directions carry only what
-    changed: a push sends the rows of the clusters its batch touched (at most the batch
-    size, of k) and no drift when there is none; :meth:`pull_rows` fetches only the rows
-    changed since the worker's version, which the worker patches into its copy. A round's
-    traffic and server work are O(touched rows · d), not O(k · d) (bench/centroid_server.py).
+    Pushes are fire-and-forget, tagged with the worker group's ``generation``; at most
+    ``max_inflight`` stay unacknowledged, which bounds memory and surfaces server errors
+    within a few steps. Both directions carry only what changed: a push sends the rows of
+    the clusters its batch touched (at most the batch size, of k) and no drift when there is
+    none; :meth:`sync` fetches only the rows changed since the worker's version, which the
+    worker patches into its copy. A round's traffic and server work are O(touched rows · d),
+    not O(k · d) (bench/centroid_server.py).
 
-    Pulls are prefetched: every :meth:`pull_rows` answer also requests the next delta, which
-    the server computes while the worker trains, so in steady state a step's pull costs no
-    round trip. A prefetched answer is used only when it starts from the caller's version
-    (deltas then compose exactly); it may be one round older than a fresh pull, which the
-    worker's ``max_staleness`` check accepts, or rejects and polls again (then fresh).
+    Deltas are prefetched: every :meth:`sync` answer also requests the next one, which the
+    server computes while the worker trains, so in steady state a step's pull costs no
+    round trip. A prefetched answer is used when it starts from the caller's version and
+    incarnation and already reaches ``until_round``; otherwise the call blocks on the
+    server's :meth:`CentroidServer.wait` (no polling), for up to ``timeout_s``.
     """
 
-    def __init__(self, handle: Any, max_inflight: int = 8):
-        self.handle, self.max_inflight = handle, max_inflight
+    def __init__(self, handle: Any, max_inflight: int = 8, generation: int = 0):
+        self.handle, self.max_inflight, self.generation = handle, max_inflight, generation
         self.inflight: collections.deque[Any] = collections.deque()
-        self.prefetch: tuple[int, Any] | None = None  # (since_version, pending pull_rows)
+        self.prefetch: tuple[int, str | None, Any] | None = None  # (since, incarnation, ref)
 
     @classmethod
-    def connect(cls, name: str, namespace: str | None) -> RemoteStore:
-        import ray
-
-        return cls(ray.get_actor(name, namespace=namespace))
+    def connect(cls, name: str, namespace: str | None, generation: int = 0) -> RemoteStore:
+        return cls(ray.get_actor(name, namespace=namespace), generation=generation)
 
     def push(self, sums: np.ndarray, counts: np.ndarray, drift: np.ndarray | None = None,
              drift_counts: np.ndarray | None = None, worker: int = 0, step: int = 0,
              samples: np.ndarray | None = None) -> None:
-        import ray
-
         if drift_counts is not None and not np.any(drift_counts):
             drift, drift_counts = None, None
         rows = touched_rows(counts, drift_counts)
         self.inflight.append(self.handle.push.remote(
             np.ascontiguousarray(sums[rows]), counts,
             None if drift is None else np.ascontiguousarray(drift[rows]), drift_counts,
-            worker, step, samples, rows))
+            worker, step, samples, rows, self.generation))
         while len(self.inflight) > self.max_inflight:
             ray.get(self.inflight.popleft())
 
     def pull(self, since_version: int = -1) -> tuple[int, np.ndarray] | None:
-        import ray
-
         return ray.get(self.handle.pull.remote(since_version))
 
-    def pull_rows(self, since_version: int) -> tuple[int, np.ndarray | None, np.ndarray] | None:
-        import ray
-
+    def sync(self, since_version: int = -1, incarnation: str | None = None,
+             until_round: int = -1, timeout_s: float = 10.0) -> Delta:
         ahead, self.prefetch = self.prefetch, None
-        if ahead is None or ahead[0] != since_version:
-            ahead = since_version, self.handle.pull_rows.remote(since_version)
-        got = ray.get(ahead[1])
-        following = since_version if got is None else got[0]
-        self.prefetch = following, self.handle.pull_rows.remote(following)
+        got: Delta | None = None
+        if ahead is not None and ahead[:2] == (since_version, incarnation):
+            got = ray.get(ahead[2])
+            if got.next_round < until_round and got.incarnation == incarnation:
+                got = None  # not far enough: wait for it, from the same version
+        if got is None:
+            got = ray.get(self.handle.wait.remote(since_version, incarnation, until_round,
+                                                  timeout_s))
+            if got.next_round < until_round and got.incarnation == incarnation:
+                log.warning("centroid server at round %d after %.0f s (wanted %d); going on",
+                            got.next_round, timeout_s, until_round)
+        self.prefetch = (got.version, got.incarnation,
+                         self.handle.delta.remote(got.version, got.incarnation))
         return got
 
     def drain(self) -> None:
-        import ray
-
         while self.inflight:
             ray.get(self.inflight.popleft())
 
     def state(self) -> dict[str, Any]:
-        import ray
-
         self.drain()
         return ray.get(self.handle.state.remote())
 
-    def load_state(self, state: dict[str, Any]) -> int:
-        import ray
-
+    def restart(self, state: dict[str, Any] | None, generation: int) -> int:
         self.prefetch = None  # a delta of the state being replaced
-        return ray.get(self.handle.load_state.remote(state))
+        return ray.get(self.handle.restart.remote(state, generation))

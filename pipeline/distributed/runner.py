@@ -478,19 +478,21 @@ def serve(config: dict[str, Any]) -> None:
         if isinstance(stage, Embed):
             part: Any = embed_share(cfg, stage, shards["embed"], ctx)
         else:
-            part = stage_loop(cfg, stage, shards["train"], _with_servers(ctx, servers))
+            part = stage_loop(cfg, stage, shards["train"],
+                              _with_servers(ctx, servers, generation))
         if part is not None:
             ray.get(desk.deliver.remote(after, generation, ctx.rank, part))
 
 
-def _with_servers(ctx: Context, servers: dict[str, Any] | None) -> Context:
-    """``ctx`` with the stage's centroid-server client, when it has servers."""
+def _with_servers(ctx: Context, servers: dict[str, Any] | None, generation: int) -> Context:
+    """``ctx`` with the stage's centroid-server client, when it has servers; its pushes are
+    tagged with the worker group's ``generation``."""
     from pipeline.distributed.train import connect_store
 
     if servers is None:
         return dataclasses.replace(ctx, centroids=None)
     return dataclasses.replace(ctx, centroids=connect_store(servers["servers"],
-                                                            servers["bounds"]))
+                                                            servers["bounds"], generation))
 
 
 def embed_sample(stage: Embed, cfg: Config, ids: np.ndarray, pixels: torch.Tensor,
@@ -617,15 +619,17 @@ def _resume(name: str, program: Any, optimizers: list[torch.optim.Optimizer],
             ctx: Context) -> dict[str, Any]:
     """Where stage ``name`` stands: {"epoch", "batch" (done in it), "step", "history"},
     loaded with the program's module and optimisers from the latest checkpoint when that
-    checkpoint is this stage's; rank 0 re-seeds the centroid server from it (the pushes
-    after it are discarded) and every rank waits for that."""
+    checkpoint is this stage's. Rank 0 restarts the centroid server from it, or from its
+    initial state when there is none, under this worker group's generation (the pushes
+    after it, and any a dead group still has queued, are discarded); every rank waits for
+    that."""
     from safetensors.torch import load as st_load
 
     saved = checkpoint.latest()
     if saved is None or saved.meta.get("stage") != name:
         saved = None
-    elif ctx.rank == 0 and ctx.centroids is not None:
-        ctx.centroids.load_state(saved.server or {})
+    if ctx.rank == 0 and ctx.centroids is not None:
+        ctx.centroids.restart(None if saved is None else saved.server, ctx.centroids.generation)
     if ctx.centroids is not None:
         ctx.all_reduce(torch.zeros(1, device=ctx.device))  # a barrier
     if saved is None:
@@ -641,7 +645,13 @@ def _resume(name: str, program: Any, optimizers: list[torch.optim.Optimizer],
 
 def _save(ctx: Context, name: str, program: Any, optimizers: list[torch.optim.Optimizer],
           at: dict[str, Any], metrics: dict[str, Any] | None = None) -> None:
+    """A checkpoint. With a centroid server, every worker flushes and waits until its pushes
+    landed, then all meet, and only then rank 0 snapshots the server: the snapshot holds
+    every round up to this step, from every worker."""
     program.before_checkpoint(ctx)
+    if ctx.centroids is not None:
+        ctx.centroids.drain()
+        ctx.all_reduce(torch.zeros(1, device=ctx.device))  # a barrier
     server = ctx.centroids.state() if ctx.rank == 0 and ctx.centroids is not None else None
     checkpoint.report(ctx.rank, metrics or {"step": at["step"]}, program.module, optimizers,
                       _meta(name, at), server)

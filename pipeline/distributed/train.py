@@ -21,13 +21,16 @@ from pipeline.distributed.runtime import verbose
 log = logging.getLogger(__name__)
 
 
-def connect_store(servers: list[tuple[str, str | None]], bounds: list[int]) -> Any:
-    """A client of the run's centroid server, or of its shards (``scale.centroid_shards``)."""
+def connect_store(servers: list[tuple[str, str | None]], bounds: list[int],
+                  generation: int = 0) -> Any:
+    """A client of the run's centroid server, or of its shards (``scale.centroid_shards``),
+    for a worker of group ``generation``."""
     if len(servers) == 1:
-        return RemoteStore.connect(*servers[0])
+        return RemoteStore.connect(*servers[0], generation=generation)
     from pipeline.kmeans.sharded import ShardedStore
 
-    return ShardedStore([RemoteStore.connect(*s) for s in servers], np.asarray(bounds))
+    return ShardedStore([RemoteStore.connect(*s, generation=generation) for s in servers],
+                        np.asarray(bounds), generation)
 
 
 def out_of_time(budget_s: float, started: float) -> bool:

@@ -4,7 +4,8 @@
   summable per-batch statistics (faiss ``contrib/clustering.py`` pattern).
 * :mod:`.minibatch` (numpy): ``minibatch_update`` (Sculley 2010), ``apply_drift``
   (Hsu & Lin 2017), ``Reservoir``, ``reseed_starved``, ``split_empty`` (faiss, DeepCluster).
-* :mod:`.store`: ``CentroidStore``, the in-process centroid-server protocol.
+* :mod:`.drift`: ``DriftProbe``, the held-out per-cluster sample drift is measured on.
+* :mod:`.store`: ``CentroidStore``, the in-process centroid-server protocol (v2).
 * :mod:`.reference`: ``faiss_kmeans``, ``inertia``, ``minibatch_kmeans`` for parity checks.
 """
 

@@ -6,7 +6,8 @@
   associative: applying the sum of two workers' statistics at once equals applying the
   statistics of one worker with their union.
 * Drift compensation (Hsu & Lin 2017): each centroid moves by the mean displacement of its
-  members' features between the old and the new network weights.
+  members' features between the old and the new network weights, measured on a held-out
+  probe (:mod:`pipeline.kmeans.drift`).
 * Starved clusters are moved to reservoir samples chosen k-means++ style (the idea of
   scikit-learn's ``reassignment_ratio``); empty clusters of a full pass are split off a large
   donor with a small symmetric perturbation (faiss ``Clustering::train`` / ``split_clusters``,
@@ -58,8 +59,8 @@ def apply_drift(centroids: np.ndarray, drift_sums: np.ndarray, drift_counts: np.
 
     Feature drift compensation (Hsu & Lin 2017): ``drift_sums`` (k, d) are per-cluster sums
     of ``new − old`` features of the same images, ``drift_counts`` (k,) their counts
-    (:func:`pipeline.kmeans.stats.drift_stats`). ``smoothing`` in [0, 1] damps the shift
-    (1 = follow the measured mean displacement, 0 = off).
+    (:meth:`pipeline.kmeans.drift.DriftProbe.measure`, summed over workers). ``smoothing``
+    in [0, 1] damps the shift (1 = follow the measured mean displacement, 0 = off).
     """
     k, d = centroids.shape
     if drift_sums.shape != (k, d) or drift_counts.shape != (k,):

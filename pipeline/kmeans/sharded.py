@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.kmeans.store import Delta
+
 
 def shard_bounds(k: int, shards: int) -> np.ndarray:
     """(shards + 1,) boundaries: shard s owns cluster ids [b[s], b[s + 1])."""
@@ -34,10 +36,10 @@ class ShardedStore:
     """The :class:`~pipeline.methods.online.CentroidClient` protocol over ``stores``, store s
     owning the clusters ``bounds[s]:bounds[s+1]`` (see :func:`shard_bounds`)."""
 
-    def __init__(self, stores: list[Any], bounds: np.ndarray):
+    def __init__(self, stores: list[Any], bounds: np.ndarray, generation: int = 0):
         if len(bounds) != len(stores) + 1:
             raise ValueError("need one more bound than stores")
-        self.stores, self.bounds = stores, np.asarray(bounds)
+        self.stores, self.bounds, self.generation = stores, np.asarray(bounds), generation
         self.seen: list[int] | None = None  # per-shard versions behind the last answer
         self.answered = -1  # the global version of the last answer
 
@@ -67,44 +69,48 @@ class ShardedStore:
         self.seen, self.answered = [v for v, _ in got], version
         return version, np.concatenate([c for _, c in got])
 
-    def pull_rows(self, since_version: int) -> tuple[int, np.ndarray | None, np.ndarray] | None:
-        """Rows changed in any shard, with global ids; version = the least shard version.
+    def sync(self, since_version: int = -1, incarnation: str | None = None,
+             until_round: int = -1, timeout_s: float = 10.0) -> Delta:
+        """The rows changed in any shard, with global ids. ``version`` and ``next_round`` are
+        the least over the shards; the incarnation joins the shards' (``a|b|…``), so a
+        restart of any one shard gives that shard's full rows.
 
         Each shard is asked from the version it last answered with (so a remote shard's
         prefetched answer is used), or from ``since_version`` when the caller re-based.
         Rows from shards that moved on are returned even while another shard lags (the
         version then stays at ``since_version``), so no change is ever dropped.
         """
+        n = len(self.stores)
+        mine = incarnation.split("|") if incarnation and incarnation.count("|") == n - 1 else [
+            None] * n
         since = (self.seen if self.seen is not None and since_version == self.answered
-                 else [since_version] * len(self.stores))
-        answers = [store.pull_rows(s) for store, s in zip(self.stores, since, strict=True)]
-        self.seen = [a[0] if a is not None else s for a, s in zip(answers, since, strict=True)]
+                 else [since_version] * n)
+        answers = [store.sync(v, inc, until_round, timeout_s)
+                   for store, v, inc in zip(self.stores, since, mine, strict=True)]
+        self.seen = [a.version for a in answers]
         idx, rows = [], []
-        for answer, part in zip(answers, self._parts(), strict=True):
-            if answer is not None:
-                ids = answer[1]
-                idx.append(np.arange(part.start, part.stop) if ids is None else ids + part.start)
-                rows.append(answer[2])
-        if not idx:
-            self.answered = since_version
-            return None
-        self.answered = max(min(self.seen), since_version)
-        return self.answered, np.concatenate(idx), np.concatenate(rows)
+        for a, part in zip(answers, self._parts(), strict=True):
+            idx.append(np.arange(part.start, part.stop) if a.rows is None else a.rows + part.start)
+            rows.append(a.centroids)
+        full = all(a.rows is None for a in answers)
+        self.answered = min(self.seen)
+        return Delta(self.answered, min(a.next_round for a in answers),
+                     "|".join(a.incarnation for a in answers), None if full else
+                     np.concatenate(idx), np.concatenate(rows))
 
     def drain(self) -> None:
         for store in self.stores:
-            if hasattr(store, "drain"):
-                store.drain()
+            store.drain()
 
     def state(self) -> dict[str, Any]:
         return {f"shard_{i}": store.state() for i, store in enumerate(self.stores)}
 
-    def load_state(self, state: dict[str, Any]) -> int:
-        versions = [store.load_state(state[f"shard_{i}"]) for i, store in
-                    enumerate(self.stores)]
+    def restart(self, state: dict[str, Any] | None, generation: int) -> int:
+        """Every shard restarts from its part of ``state`` (or its initial state)."""
+        versions = [store.restart(None if state is None else state[f"shard_{i}"], generation)
+                    for i, store in enumerate(self.stores)]
         self.seen, self.answered = None, -1
-        return min(v if v is not None else store.version  # CentroidStore returns None
-                   for v, store in zip(versions, self.stores, strict=True))
+        return min(versions)
 
 
 def centroids_of(state: dict[str, Any]) -> np.ndarray:

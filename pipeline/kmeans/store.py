@@ -21,11 +21,29 @@ update (:func:`~pipeline.kmeans.minibatch.minibatch_update`, then
   is applied on its own, as a round of its own, rather than lost.
 * Equivalence: the update is a running mean, so 2 workers with batch B/2 give the centroids
   of 1 worker with batch B when both assigned against the same version (tested exactly).
+
+Protocol v2 (what makes a push apply exactly once across crashes and restarts):
+
+* De-duplication: the store remembers, per worker, the rounds it took (back to
+  ``next_round − max_pending``, persisted with the state). A retried push, e.g. the one a
+  server died in after persisting it, is dropped (``duplicates``); so is a push older than
+  that window (``too_late``). Nothing relies on the arrival order of pushes.
+* Incarnation: a random token, new at construction and at every :meth:`load_state` /
+  :meth:`restart`. :meth:`delta` answers a caller holding another token with the full
+  (k, d) copy, so a worker never keeps rows from before a crash or a reload.
+* Generation: :meth:`restart` (rank 0, when a worker group starts) installs the stage's
+  checkpointed state, or the initial one, under the group's generation number; pushes of
+  an older generation (queued by a dead group) are dropped (``stale``).
+* Waiting: :meth:`delta` reports ``next_round``, the round id below which everything was
+  applied or skipped; a worker about to start round r waits, on the server's side, for
+  ``next_round >= r − max_staleness`` (:meth:`pipeline.distributed.centroid_server.
+  CentroidServer.wait`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import secrets
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -35,6 +53,20 @@ if TYPE_CHECKING:
     from pipeline.config import Config
 
 _STAT_KEYS = ("rows", "sums", "counts", "drift", "drift_counts", "workers")
+
+
+class Delta(NamedTuple):
+    """What a worker's copy of the centroids lacks (:meth:`CentroidStore.delta`).
+
+    ``rows`` (m,) are the changed cluster ids and ``centroids`` (m, d) their values; when
+    ``rows`` is None, ``centroids`` is the full (k, d) copy, which replaces the caller's.
+    """
+
+    version: int  # rounds applied
+    next_round: int  # every round id below it was applied or skipped
+    incarnation: str  # the store's identity: a new one means the caller's copy is void
+    rows: np.ndarray | None
+    centroids: np.ndarray
 
 
 class CentroidStore:
@@ -86,10 +118,15 @@ class CentroidStore:
         self.next_round = 0  # every round below this was applied (or skipped)
         self.pending: dict[int, dict[str, Any]] = {}
         self.reseeded = 0  # clusters reseeded so far
+        self.generation = 0  # of the worker group whose pushes count (see restart)
+        self.seen: dict[int, set[int]] = {}  # rounds taken per worker, for de-duplication
+        self.dropped = {"duplicates": 0, "too_late": 0, "stale": 0}
+        self._initial = self.state()
         self._track_rows()
 
     def _track_rows(self) -> None:
-        """Restart per-row change tracking (for :meth:`pull_rows`) at the current version."""
+        """A new incarnation; per-row change tracking (for :meth:`delta`) from this version."""
+        self.incarnation = secrets.token_hex(8)
         self._tracked_from = self._version
         self._row_version = np.full(self.k, self._version, dtype=np.int64)
 
@@ -108,8 +145,13 @@ class CentroidStore:
 
     def push(self, sums: np.ndarray, counts: np.ndarray, drift: np.ndarray | None = None,
              drift_counts: np.ndarray | None = None, worker: int = 0, step: int = 0,
-             samples: np.ndarray | None = None, rows: np.ndarray | None = None) -> int:
+             samples: np.ndarray | None = None, rows: np.ndarray | None = None,
+             generation: int = 0) -> int:
         """Add one worker's statistics for round ``step``; apply rounds that are ready.
+
+        A push is taken once: a repeat of (worker, round), a round older than the
+        de-duplication window, or a push of an older ``generation`` is counted in
+        ``dropped`` and changes nothing.
 
         Args:
             sums: (k, d) per-cluster feature sums; counts: (k,) member counts
@@ -123,13 +165,17 @@ class CentroidStore:
                 count must be listed). The dense form is reduced to this internally, so a
                 round costs O(touched rows · d), not O(k · d).
 
+            generation: the pushing worker group's (:meth:`restart`).
+
         Returns:
             The current version.
         """
         entry = self._entry(sums, counts, drift, drift_counts, worker, rows)
+        step = int(step)
+        if not self._take(int(worker), step, int(generation)):
+            return self._version
         if samples is not None and len(samples):
             self.reservoir.add(np.asarray(samples, dtype=np.float32))
-        step = int(step)
         if step < self.next_round:  # its round is gone: apply it on its own
             self._apply(entry)
             return self._version
@@ -137,25 +183,61 @@ class CentroidStore:
         self._apply_ready()
         return self._version
 
+    def _take(self, worker: int, step: int, generation: int) -> bool:
+        """Whether a push of ``worker`` for round ``step`` counts (see :meth:`push`)."""
+        if generation < self.generation:
+            self.dropped["stale"] += 1
+            return False
+        if generation > self.generation:  # a new group that skipped restart(): its rounds
+            self.generation, self.seen = generation, {}
+        seen = self.seen.setdefault(worker, set())
+        if step in seen:
+            self.dropped["duplicates"] += 1
+            return False
+        if step < self.next_round - self.max_pending:
+            self.dropped["too_late"] += 1
+            return False
+        seen.add(step)
+        return True
+
+    def _forget_old_rounds(self) -> None:
+        floor = self.next_round - self.max_pending
+        for worker, rounds in self.seen.items():
+            self.seen[worker] = {r for r in rounds if r >= floor}
+
+    def delta(self, since_version: int = -1, incarnation: str | None = None) -> Delta:
+        """The changes after ``since_version`` for a caller whose copy came from
+        ``incarnation``: the changed rows, or every row when the caller's copy is from
+        another incarnation (a restarted or reloaded store) or predates row tracking."""
+        if incarnation != self.incarnation or since_version < self._tracked_from:
+            return Delta(self._version, self.next_round, self.incarnation, None,
+                         self.centroids.copy())
+        idx = np.flatnonzero(self._row_version > since_version)
+        return Delta(self._version, self.next_round, self.incarnation, idx,
+                     self.centroids[idx].copy())
+
+    def sync(self, since_version: int = -1, incarnation: str | None = None,
+             until_round: int = -1, timeout_s: float = 0.0) -> Delta:
+        """:meth:`delta`. In one process nothing else can advance the store, so this never
+        waits for ``until_round`` (the Ray server does, for up to ``timeout_s``)."""
+        return self.delta(since_version, incarnation)
+
+    def drain(self) -> None:
+        """Every push has landed (always true in one process)."""
+
+    def restart(self, state: dict[str, Any] | None, generation: int) -> int:
+        """A worker group of ``generation`` starts: install ``state`` (its stage's last
+        checkpoint) or, without one, the initial state; pushes of older generations are
+        dropped from now on. Returns the version."""
+        self.load_state(self._initial if state is None else state)
+        self.generation = int(generation)
+        return self._version
+
     def pull(self, since_version: int = -1) -> tuple[int, np.ndarray] | None:
         """``(version, copy of centroids (k, d) float32)`` if version > since_version, else None."""
         if self._version <= since_version:
             return None
         return self._version, self.centroids.copy()
-
-    def pull_rows(self, since_version: int) -> tuple[int, np.ndarray | None, np.ndarray] | None:
-        """Only what changed after ``since_version``: ``(version, row ids (m,), rows (m, d))``.
-
-        None when nothing is newer. Row ids are None, and rows the full (k, d) copy, when
-        ``since_version`` predates this store's row tracking (it was created or reloaded
-        later), so a caller patching a cached copy never misses a change.
-        """
-        if self._version <= since_version:
-            return None
-        if since_version < self._tracked_from:
-            return self._version, None, self.centroids.copy()
-        idx = np.flatnonzero(self._row_version > since_version)
-        return self._version, idx, self.centroids[idx].copy()
 
     def _entry(self, sums: Any, counts: Any, drift: Any, drift_counts: Any, worker: int,
                rows: Any) -> dict[str, Any]:
@@ -224,6 +306,7 @@ class CentroidStore:
                 break
             self._apply(self.pending.pop(s))
             self.next_round = s + 1
+        self._forget_old_rounds()
 
     def _apply(self, entry: dict[str, Any]) -> None:
         """One round: mini-batch update, drift, moving counts, version, periodic reseed.
@@ -264,7 +347,8 @@ class CentroidStore:
                 "recent": self.recent.copy(), "version": self._version,
                 "next_round": self.next_round, "pending": pending,
                 "reservoir": self.reservoir.state(), "rng": self.rng.bit_generator.state,
-                "reseeded": self.reseeded}
+                "reseeded": self.reseeded, "generation": self.generation,
+                "seen": {w: np.array(sorted(r), np.int64) for w, r in self.seen.items()}}
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Exact inverse of :meth:`state` (constructor settings are kept)."""
@@ -280,6 +364,9 @@ class CentroidStore:
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = state["rng"]
         self.reseeded = int(state["reseeded"])
+        self.generation = int(state.get("generation", 0))
+        self.seen = {int(w): {int(r) for r in np.asarray(rounds).tolist()}
+                     for w, rounds in state.get("seen", {}).items()}
         for entry in self.pending.values():
             if entry.get("rows") is None:  # saved by a version with dense rounds
                 entry["rows"] = np.arange(self.k, dtype=np.int64)

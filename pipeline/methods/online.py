@@ -11,9 +11,15 @@ Per step, on a worker:
    ``-||f - c||² / τ`` against the assignments, a compactness term (distance to the assigned
    centroid), augmentation consistency (an augmented view must get the same assignment) and a
    marginal-entropy balance term, ``log k - H(mean softmax)``, that guards against collapse.
-3. Backward and optimiser step; then re-embed x with the new weights, ``f'``, under no_grad.
-4. Push per-cluster sums/counts of f and drift sums of ``f' - f`` to the centroid store; it
-   applies the mini-batch update and shifts each centroid by its mean drift.
+3. Backward and optimiser step. The augmented view's forward leaves BatchNorm's running
+   statistics alone, so they describe clean images, as the eval-mode assignment pass sees
+   them.
+4. Every ``cluster.sync_every`` steps (a round), push per-cluster sums/counts of f to the
+   centroid store, which applies the mini-batch update. With drift compensation, the batch's
+   images are offered to a held-out per-cluster probe (:mod:`pipeline.kmeans.drift`), and
+   each round a chunk of the probe is re-embedded (eval mode): the per-cluster mean
+   displacement since its last embedding goes with the push, and the store shifts those
+   centroids by it.
 
 Everything here is plain PyTorch against the :class:`CentroidClient` protocol: the in-process
 ``CentroidStore`` and the Ray centroid server both satisfy it. No Ray imports. The method is
@@ -23,10 +29,11 @@ seed the centroids, then one train stage of :class:`OnlineProgram` with the cent
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -36,7 +43,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.data.augment import AugmentSpec, augment
-from pipeline.kmeans.stats import assign, drift_stats, partial_stats
+from pipeline.kmeans.drift import DriftProbe
+from pipeline.kmeans.stats import assign, partial_stats
+from pipeline.kmeans.store import Delta
 from pipeline.methods.base import Context, Embed, Hooks, Stages, Train
 from pipeline.metrics import acc, nmi
 
@@ -55,8 +64,10 @@ class CentroidClient(Protocol):
 
     def pull(self, since_version: int = -1) -> tuple[int, np.ndarray] | None: ...
 
-    def pull_rows(self, since_version: int
-                  ) -> tuple[int, np.ndarray | None, np.ndarray] | None: ...
+    def sync(self, since_version: int = -1, incarnation: str | None = None,
+             until_round: int = -1, timeout_s: float = 10.0) -> Delta: ...
+
+    def drain(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -107,6 +118,21 @@ def online_loss(f: torch.Tensor, f_aug: torch.Tensor | None, centroids: torch.Te
     return loss, labels, parts
 
 
+@contextlib.contextmanager
+def running_stats_frozen(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers still normalise with the batch's statistics (train mode), but their
+    running statistics stay as they are (momentum 0) inside this block."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved, strict=True):
+            m.momentum = momentum
+
+
 @dataclass
 class StepStats:
     """Summable statistics of one or more steps, ready to push to the centroid store."""
@@ -130,18 +156,15 @@ class StepStats:
         self.n += other.n
 
 
-def kmeans_stats(f: torch.Tensor, centroids: torch.Tensor, f_new: torch.Tensor | None,
-                 n_samples: int = 32) -> StepStats:
-    """Assign f (n, d) to centroids (k, d) and collect sums, counts and drift (f_new - f)."""
+def kmeans_stats(f: torch.Tensor, centroids: torch.Tensor, n_samples: int = 32) -> StepStats:
+    """Assign f (n, d) to centroids (k, d) and collect sums and counts (no drift: that is
+    measured on the probe, once a round)."""
     k = centroids.shape[0]
     labels, sqdist, _ = assign(f, centroids)
     sums, counts = partial_stats(f, labels, k)
-    if f_new is None:
-        drift, drift_counts = torch.zeros_like(sums), torch.zeros_like(counts)
-    else:
-        drift, drift_counts = drift_stats(f, f_new, labels, k)
-    return StepStats(sums, counts, drift, drift_counts, f[:n_samples].detach().clone(),
-                     float(sqdist.sum()), int(f.shape[0]), labels)
+    return StepStats(sums, counts, torch.zeros_like(sums), torch.zeros_like(counts),
+                     f[:n_samples].detach().clone(), float(sqdist.sum()), int(f.shape[0]),
+                     labels)
 
 
 @dataclass
@@ -149,6 +172,9 @@ class OnlineWorker:
     """One worker's training state: model, optimiser, local copy of the centroids.
 
     ``train_cnn=False`` runs mini-batch k-means on frozen features (the warm-up epochs).
+    With ``drift_compensation``, ``drift_probe`` images per cluster are held out for the
+    drift (:class:`~pipeline.kmeans.drift.DriftProbe`) and ``drift_chunk`` of them are
+    re-embedded per round.
     """
 
     model: nn.Module
@@ -158,72 +184,60 @@ class OnlineWorker:
     augment_spec: AugmentSpec | None
     device: torch.device
     drift_compensation: bool = True
+    drift_probe: int = 4
+    drift_chunk: int = 64
+    probe_seed: int = 0
     sync_every: int = 1
     max_staleness: int = 1
     worker: int = 0
     step: int = 0  # global step counter (all epochs)
+    round: int = 0  # id of the round being accumulated: the number of flushes so far
     version: int = -1
+    incarnation: str | None = None  # of the store the local copy came from
     centroids: torch.Tensor | None = None
     pending: StepStats | None = None
-    base_round: int = 0  # store version that corresponds to step 0 of this session
     stall_timeout_s: float = 10.0
     history: list[dict[str, float]] = field(default_factory=list)
     last_labels: torch.Tensor | None = None  # cluster of each image of the latest step
+    probe: DriftProbe | None = None  # created at the first CNN step when compensating
 
-    def refresh(self, wait_for: int = -1) -> None:
-        """Pull newer centroids; block (polling) until the store reaches ``wait_for``.
+    def refresh(self, until_round: int = -1) -> None:
+        """Bring the local centroids up to date; wait until the store has applied every
+        round below ``until_round`` (bounded staleness, ``max_staleness`` rounds, as in
+        stale-synchronous parameter servers).
 
-        Bounded staleness (``max_staleness`` rounds), as in stale-synchronous parameter
-        servers. If the store makes no progress for ``stall_timeout_s`` (it restarted from an
-        older state, or a peer's push was lost), the worker re-bases on the store's current
-        version instead of waiting forever.
+        The wait is the server's (a blocking call, no polling) and ends early when the store
+        is a new incarnation (it restarted and lost rounds that will never come: the worker
+        goes on from its state), or after ``stall_timeout_s``.
         """
-        deadline = time.monotonic() + self.stall_timeout_s
-        while True:
-            if self.centroids is None:
-                self._take(self.store.pull(-1))
-            else:
-                self._take_rows(self.store.pull_rows(self.version))
-            if self.version >= wait_for:
-                return
-            if time.monotonic() > deadline:
-                self._take(self.store.pull(-1))
-                log.warning("worker %d: centroid store stalled at version %d (wanted %d); "
-                            "re-basing", self.worker, self.version, wait_for)
-                self.base_round -= wait_for - self.version
-                return
-            time.sleep(0.001)
+        got = self.store.sync(self.version, self.incarnation, until_round,
+                              self.stall_timeout_s)
+        if self.incarnation is not None and got.incarnation != self.incarnation:
+            log.info("worker %d: new centroid-server incarnation at version %d, round %d: "
+                     "full copy", self.worker, got.version, got.next_round)
+        self._take(got)
 
-    def _take(self, got: tuple[int, np.ndarray] | None) -> None:
-        if got is not None:
-            self.version = got[0]
-            self.centroids = torch.from_numpy(np.array(got[1], np.float32)).to(self.device)
-
-    def _take_rows(self, got: tuple[int, np.ndarray | None, np.ndarray] | None) -> None:
-        """Patch the local centroids with the rows changed since our version (m, d)."""
-        if got is None:
-            return
-        version, idx, rows = got
-        if idx is None:
-            self._take((version, rows))
-            return
-        assert self.centroids is not None
-        if len(idx):
-            self.centroids[torch.as_tensor(np.array(idx, np.int64), device=self.device)] = (
-                torch.from_numpy(np.array(rows, np.float32)).to(self.device))
-        self.version = version
+    def _take(self, got: Delta) -> None:
+        """Install a delta: the full (k, d) copy, or the changed rows (m, d) patched in."""
+        rows = torch.from_numpy(np.array(got.centroids, np.float32)).to(self.device)
+        if got.rows is None:
+            self.centroids = rows
+        elif len(got.rows):
+            assert self.centroids is not None
+            self.centroids[torch.as_tensor(np.array(got.rows, np.int64),
+                                           device=self.device)] = rows
+        self.version, self.incarnation = got.version, got.incarnation
 
     def train_step(self, x: torch.Tensor, train_cnn: bool) -> dict[str, float]:
         """One step on a clean batch x (n, C, H, W); returns loss parts."""
-        rounds = self.step // self.sync_every
-        self.refresh(self.base_round + rounds - self.max_staleness)
+        self.refresh(self.round - self.max_staleness)
         assert self.centroids is not None
         if train_cnn:
             stats, parts = self._cnn_step(x)
         else:
             with torch.no_grad():
                 f = self.model(x)
-            stats, parts = kmeans_stats(f, self.centroids, None), {}
+            stats, parts = kmeans_stats(f, self.centroids), {}
         self.last_labels = stats.labels
         self._accumulate(stats)
         parts["sqdist"] = stats.sqdist_sum / max(1, stats.n)
@@ -236,16 +250,41 @@ class OnlineWorker:
         f = self.model(x)
         f_aug = None
         if self.augment_spec is not None and self.loss_spec.consistency_weight > 0:
-            f_aug = self.model(augment(x, self.augment_spec))
+            with running_stats_frozen(self.model):
+                f_aug = self.model(augment(x, self.augment_spec))
         loss, _, parts = online_loss(f, f_aug, self.centroids, self.loss_spec)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        f_new = None
+        stats = kmeans_stats(f.detach(), self.centroids)
         if self.drift_compensation:
-            with torch.no_grad():
-                f_new = self.model(x)
-        return kmeans_stats(f.detach(), self.centroids, f_new), parts
+            self._offer(x, stats.labels)
+        return stats, parts
+
+    def _offer(self, x: torch.Tensor, labels: torch.Tensor | None) -> None:
+        """The batch's images, with their clusters, for the drift probe (taken after the step
+        that optimised on them: their baseline is set at the next measurement)."""
+        assert self.centroids is not None and labels is not None
+        if self.probe is None:
+            k, d = self.centroids.shape
+            self.probe = DriftProbe(k, self.drift_probe, tuple(x.shape[1:]), d,
+                                    self.probe_seed)
+        self.probe.offer(x.detach().cpu().numpy(), labels.cpu().numpy())
+
+    def _measure_drift(self, stats: StepStats) -> None:
+        """Re-embed the next probe chunk (eval mode) and put its per-cluster displacement
+        since its last embedding into ``stats`` (drift sums (k, d), counts (k,))."""
+        if self.probe is None or not len(self.probe):
+            return
+        slots = self.probe.next_chunk(self.drift_chunk)
+        was = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            f = self.model(torch.from_numpy(self.probe.items[slots]).to(self.device))
+        self.model.train(was)
+        sums, counts = self.probe.measure(slots, f.float().cpu().numpy())
+        stats.drift = torch.from_numpy(sums.astype(np.float32)).to(stats.sums.device)
+        stats.drift_counts = torch.from_numpy(counts).to(stats.counts.device)
 
     def _accumulate(self, stats: StepStats) -> None:
         if self.pending is None:
@@ -256,13 +295,19 @@ class OnlineWorker:
             self.flush()
 
     def flush(self) -> None:
-        """Push the accumulated statistics as one round (asynchronous for remote stores)."""
+        """Push the accumulated statistics as round ``self.round`` (asynchronous for remote
+        stores) and start the next. Every worker flushes at the same steps (each
+        ``sync_every`` steps, before each checkpoint, at each epoch end), so round ids agree
+        across workers whatever ``sync_every`` is."""
         if self.pending is None:
             return
         p, self.pending = self.pending, None
+        if self.drift_compensation:
+            self._measure_drift(p)
         self.store.push(p.sums.cpu().numpy(), p.counts.cpu().numpy(), p.drift.cpu().numpy(),
-                        p.drift_counts.cpu().numpy(), self.worker, self.step // self.sync_every,
+                        p.drift_counts.cpu().numpy(), self.worker, self.round,
                         p.samples.cpu().numpy())
+        self.round += 1
 
     def run_epoch(self, batches: Iterable[torch.Tensor | tuple[torch.Tensor, np.ndarray]],
                   train_cnn: bool, skip: int = 0,
@@ -342,7 +387,9 @@ class OnlineState(nn.Module):
         super().__init__()
         self.cnn = cnn
         self.step: torch.Tensor
+        self.round: torch.Tensor
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("round", torch.zeros((), dtype=torch.int64))
 
 
 class OnlineProgram(Hooks):
@@ -364,6 +411,8 @@ class OnlineProgram(Hooks):
         self.pred: list[np.ndarray] = []
 
     def setup(self, ctx: Context) -> list[torch.optim.Optimizer]:
+        from pipeline.kmeans.drift import probe_size
+
         cfg, t = self.cfg, self.cfg.train
         self.state.to(ctx.device)
         model = ctx.wrap(self.state.cnn)
@@ -372,22 +421,24 @@ class OnlineProgram(Hooks):
             model=model, optimizer=optimizer, store=ctx.centroids, loss_spec=loss_spec(cfg),
             augment_spec=augment_spec(cfg), device=ctx.device,
             drift_compensation=cfg.cluster.drift_compensation,
+            drift_probe=probe_size(cfg.cluster.k, cfg.cluster.drift_probe,
+                                   cfg.cluster.drift_probe_max),
+            drift_chunk=cfg.cluster.drift_chunk, probe_seed=cfg.train.seed + 7919 * ctx.rank,
             sync_every=cfg.cluster.sync_every, max_staleness=cfg.cluster.max_staleness,
             worker=ctx.rank)
         return [optimizer]
 
     def start(self, epoch: int, ctx: Context) -> None:
-        """After a (re)start: the step from the checkpoint, the server's centroids, and the
-        round the server's version stands for."""
+        """After a (re)start: the step and round from the checkpoint, the server's centroids."""
         w = self.worker
-        self.epoch, w.step = epoch, int(self.state.step)
+        self.epoch, w.step, w.round = epoch, int(self.state.step), int(self.state.round)
         w.refresh()
-        w.base_round = w.version - w.step // w.sync_every
 
     def step(self, batch: dict[str, Any], ctx: Context) -> dict[str, float]:
         x = batch["pixels"]
         parts = self.worker.train_step(x, train_cnn=self.epoch >= self.cfg.train.warmup_epochs)
         self.state.step.fill_(self.worker.step)
+        self.state.round.fill_(self.worker.round)
         for key, value in parts.items():
             self.totals[key] = self.totals.get(key, 0.0) + value
         self.steps, self.images = self.steps + 1, self.images + len(x)
@@ -397,10 +448,14 @@ class OnlineProgram(Hooks):
         return parts
 
     def before_checkpoint(self, ctx: Context) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
         self.worker.flush()
+        self.state.round.fill_(self.worker.round)
 
     def end_epoch(self, epoch: int, ctx: Context) -> dict[str, float]:
-        self.worker.flush()
+        self._flush()
         out = {key: value / max(1, self.steps) for key, value in self.totals.items()}
         out["images"] = float(self.images)
         if self.truth:

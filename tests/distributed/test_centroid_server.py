@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
-import pytest
 import torch
 
 from pipeline.distributed.centroid_server import RemoteStore, create_server
@@ -42,7 +43,6 @@ def kmeans_worker(store, worker: int) -> OnlineWorker:
 def run_worker(store, worker: int, batches: list[np.ndarray]) -> None:
     w = kmeans_worker(store, worker)
     w.refresh()
-    w.base_round = w.version
     w.run_epoch((torch.from_numpy(b) for b in batches), train_cnn=False)
 
 
@@ -106,13 +106,77 @@ def test_restarted_server_reloads_its_last_state(ray_cluster, tmp_path):
     ray.kill(handle)
 
 
-@pytest.mark.parametrize("staleness", [0, 2])
-def test_worker_rebases_when_the_store_stalls(staleness):
-    store = CentroidStore(np.zeros((K, D), np.float32), num_workers=2)  # peer never pushes
-    w = kmeans_worker(store, 0)
-    w.max_staleness, w.stall_timeout_s = staleness, 0.05
-    w.run_epoch((torch.from_numpy(b) for b in np.split(blobs(64, 2), 8)), train_cnn=False)
-    assert w.step == 8  # finished instead of hanging
+def one_point(rng: np.random.Generator) -> tuple:
+    """A push's (sums, counts, drift, drift_counts): one point in cluster 0."""
+    counts = np.eye(K, dtype=np.int64)[0]
+    return rng.normal(size=(K, D)).astype(np.float32) * counts[:, None], counts, None, None
+
+
+def test_wait_blocks_on_the_server_until_the_round_is_applied(ray_cluster):
+    """Protocol v2: a waiting worker makes one call, answered when the round it needs is
+    applied (pushes go on meanwhile), or when its timeout ends."""
+    ray = ray_cluster
+    rng = np.random.default_rng(5)
+    handle = create_server("test-server-wait", None, np.zeros((K, D), np.float32),
+                           {"num_workers": 1}, None, None)
+    first = ray.get(handle.delta.remote(-1))
+    waiting = handle.wait.remote(first.version, first.incarnation, 2, 60.0)
+    ready, _ = ray.wait([waiting], timeout=1.0)
+    assert not ready  # blocked on the server: round 1 is not applied yet
+    for step in range(2):
+        ray.get(handle.push.remote(*one_point(rng), 0, step))
+    got = ray.get(waiting, timeout=10)
+    assert got.next_round == 2 and got.version == 2 and got.rows.tolist() == [0]
+    started = time.monotonic()
+    late = ray.get(handle.wait.remote(got.version, got.incarnation, 5, 0.5))
+    assert late.next_round == 2 and 0.4 < time.monotonic() - started < 5  # timed out
+    ray.kill(handle)
+
+
+def test_a_push_retried_after_a_server_crash_applies_once(ray_cluster, tmp_path):
+    """The server persists version 2, then dies before it answers (a real process exit):
+    Ray retries that push on the restarted actor, which knows it took it already."""
+    ray = ray_cluster
+    rng = np.random.default_rng(6)
+    handle = create_server("test-server-dedup", None, np.zeros((K, D), np.float32), {},
+                           str(tmp_path / "state.npz"), None, persist_every=2,
+                           crash_at_round=2)
+    for step in range(3):
+        ray.get(handle.push.remote(*one_point(rng), 0, step))
+    info = ray.get(handle.info.remote())
+    assert info["restored"] and info["dropped"]["duplicates"] == 1
+    assert info["version"] == info["next_round"] == 3
+    assert ray.get(handle.state.remote())["weights"].sum() == 3  # three points, once each
+    ray.kill(handle)
+
+
+def test_a_worker_takes_a_full_copy_from_a_restarted_server_without_waiting(ray_cluster,
+                                                                            tmp_path):
+    """After a crash the server reloads an older state (version 2 of 3): a worker's copy is
+    from the dead incarnation, so its next sync is the full copy at once, although the
+    round it waits for (3) will never be applied by this server."""
+    ray = ray_cluster
+    rng = np.random.default_rng(7)
+    handle = create_server("test-server-incarnation", None, np.zeros((K, D), np.float32),
+                           {}, str(tmp_path / "state.npz"), None, persist_every=2)
+    client = RemoteStore(handle)
+    for step in range(3):
+        client.push(*one_point(rng), 0, step)
+    client.drain()
+    mine = client.sync(-1)
+    assert mine.version == 3 and mine.rows is None
+    handle.crash.remote()
+    started = time.monotonic()
+    got = client.sync(mine.version, mine.incarnation, until_round=4, timeout_s=60.0)
+    assert time.monotonic() - started < 30  # no wait for round 3 (the actor restart: ~5 s)
+    assert got.incarnation != mine.incarnation and got.rows is None and got.version == 2
+    assert got.centroids.shape == (K, D)
+    # and the dead worker group's pushes are dropped once a new generation restarted it
+    client.restart(ray.get(handle.state.remote()), generation=1)
+    client.push(*one_point(rng), 0, 2)
+    client.drain()
+    assert ray.get(handle.info.remote())["dropped"]["stale"] == 1
+    ray.kill(handle)
 
 
 def test_sharded_servers_match_the_single_store_reference(ray_cluster):

@@ -23,17 +23,18 @@ def test_sharded_rounds_equal_one_store_and_row_pulls_track_them(shards):
     x = dyadic_blobs(2048, 7)
     rng = np.random.default_rng(8)
     one, many = CentroidStore(x[:K], **KW), sharded(x[:K], shards)
-    version, mirror = many.pull(-1)
+    got = many.sync(-1)
+    version, incarnation, mirror = got.version, got.incarnation, got.centroids.copy()
+    assert got.rows is None and incarnation.count("|") == shards - 1
     for step, batch in enumerate(np.split(x, 16)):
         for w, part in enumerate(np.split(batch, 2)):
             shift = (rng.integers(-2, 3, part.shape) / 8).astype(np.float32)
             stats = worker_stats(part, shift, one.centroids)
             one.push(*stats, worker=w, step=step)
             many.push(*stats, worker=w, step=step)
-        got = many.pull_rows(version)
-        if got is not None:
-            version, idx, rows = got
-            mirror[idx] = rows
+        got = many.sync(version, incarnation, until_round=step + 1)
+        assert got.next_round == step + 1 and got.incarnation == incarnation
+        version, mirror[got.rows] = got.version, got.centroids
         np.testing.assert_array_equal(mirror, one.centroids)
     assert version == one.version == 16
     np.testing.assert_array_equal(many.pull(-1)[1], one.centroids)
@@ -48,8 +49,10 @@ def test_sharded_state_round_trip():
             store.push(*worker_stats(x[step * 64 + w * 32:][:32], np.zeros((32, 8), np.float32),
                                      x[:K]), worker=w, step=step)
     copy = sharded(np.zeros((K, 8), np.float32), 3)
-    assert copy.load_state(store.state()) == 4
+    assert copy.restart(store.state(), generation=1) == 4
     np.testing.assert_array_equal(copy.pull(-1)[1], store.pull(-1)[1])
+    # a copy from before the restart is void: every row comes back
+    assert copy.sync(4, store.sync(-1).incarnation).rows is None
 
 
 def test_shard_bounds_cover_every_cluster_once():

@@ -212,13 +212,14 @@ def sparse(sums: np.ndarray, counts: np.ndarray, drift: np.ndarray, drift_counts
 
 def test_sparse_pushes_equal_dense_pushes_and_row_pulls_track_every_change():
     """Two workers touching different clusters, drift, reseeding: identical states, and a
-    copy patched only by ``pull_rows`` stays equal to the centroids at every version."""
+    copy patched only by ``delta`` stays equal to the centroids at every version."""
     x = dyadic_blobs(2048, 3)
     rng = np.random.default_rng(4)
     kw = {"num_workers": 2, "reseed_every": 3, "reseed_ratio": 0.5, "seed": 2,
           "drift_smoothing": 0.5}
     dense, rowwise = CentroidStore(x[:K], **kw), CentroidStore(x[:K], **kw)
-    version, mirror = rowwise.pull(-1)
+    got = rowwise.delta(-1)
+    version, incarnation, mirror = got.version, got.incarnation, got.centroids
     touched = []
     for step, batch in enumerate(np.split(x, 32)):
         for w, part in enumerate(np.split(batch, 2)):
@@ -230,26 +231,72 @@ def test_sparse_pushes_equal_dense_pushes_and_row_pulls_track_every_change():
             touched.append(int((stats[1] > 0).sum()))
             dense.push(*stats, worker=w, step=step, samples=part)
             rowwise.push(**sparse(*stats), worker=w, step=step, samples=part)
-            got = rowwise.pull_rows(version)
-            if got is not None:
-                version, idx, rows = got
-                mirror[idx] = rows
+            got = rowwise.delta(version, incarnation)
+            assert got.rows is not None and got.incarnation == incarnation
+            version, mirror[got.rows] = got.version, got.centroids
             np.testing.assert_array_equal(mirror, rowwise.centroids)
     assert_same_state(rowwise.state(), dense.state())
     assert dense.reseeded > 0 and min(touched) < K  # partial pushes and reseeds were covered
 
 
-def test_pull_rows_after_reload_returns_everything():
+def test_delta_after_reload_is_the_full_copy():
     store = CentroidStore(np.zeros((K, D), np.float32))
+    first = store.delta(-1)
     store.push(np.ones((1, D)), np.eye(K, dtype=np.int64)[2], rows=np.array([2]))
-    version, idx, rows = store.pull_rows(0)
-    assert version == 1 and idx.tolist() == [2]
-    np.testing.assert_array_equal(rows, np.ones((1, D)))
+    got = store.delta(0, first.incarnation)
+    assert got.version == 1 and got.rows.tolist() == [2] and got.next_round == 1
+    np.testing.assert_array_equal(got.centroids, np.ones((1, D)))
+    assert store.delta(1, first.incarnation).rows.tolist() == []  # nothing newer
     copy = CentroidStore(np.zeros((K, D), np.float32))
     copy.load_state(store.state())
-    assert copy.pull_rows(1) is None
-    version, idx, rows = copy.pull_rows(0)  # predates the reload: the full (k, d) copy
-    assert idx is None and rows.shape == (K, D)
+    for since in (0, 1, 5):  # a copy from another incarnation is void, whatever its version
+        got = copy.delta(since, first.incarnation)
+        assert got.rows is None and got.centroids.shape == (K, D) and got.version == 1
+    assert copy.incarnation not in (first.incarnation, store.incarnation)
+
+
+def one_push(store: CentroidStore, worker: int, step: int, generation: int = 0) -> int:
+    """A push of one point (all ones) into cluster 1."""
+    return store.push(np.ones((1, D)), np.eye(K, dtype=np.int64)[1], worker=worker, step=step,
+                      rows=np.array([1]), generation=generation)
+
+
+def test_a_retried_push_applies_once_in_any_order():
+    """Pushes of 2 workers, each sent twice and out of order: every push applies once (4
+    points). Worker 1's round 0 lands after its round 1 completed round 1 (and with it the
+    incomplete round 0), so it is applied on its own: 3 updates."""
+    store = CentroidStore(np.zeros((K, D), np.float32), num_workers=2)
+    for worker, step in [(0, 0), (0, 1), (0, 0), (1, 1), (1, 0), (1, 1), (0, 1), (1, 0)]:
+        one_push(store, worker, step)
+    assert store.version == 3 and store.weights[1] == 4 and store.dropped["duplicates"] == 4
+    # a server restarted from its saved state still knows the rounds it took
+    again = CentroidStore(np.zeros((K, D), np.float32), num_workers=2)
+    again.load_state(store.state())
+    assert one_push(again, 1, 1) == 3 and again.weights[1] == 4
+
+
+def test_restart_installs_a_state_under_a_new_generation_and_drops_older_pushes():
+    store = CentroidStore(np.zeros((K, D), np.float32), num_workers=1)
+    for step in range(3):
+        one_push(store, 0, step)
+    checkpoint = store.state()
+    one_push(store, 0, 3)  # after the checkpoint: discarded by the restart
+    assert store.restart(checkpoint, generation=1) == 3 and store.next_round == 3
+    assert one_push(store, 0, 4, generation=0) == 3  # queued by the dead group: dropped
+    assert store.dropped["stale"] == 1
+    assert one_push(store, 0, 3, generation=1) == 4  # the new group replays round 3
+    assert store.weights[1] == 4
+    assert store.restart(None, generation=2) == 0  # no checkpoint: the initial state
+    assert store.weights.sum() == 0 and store.generation == 2
+
+
+def test_rounds_far_behind_the_window_are_dropped():
+    store = CentroidStore(np.zeros((K, D), np.float32), num_workers=1, max_pending=4)
+    for step in range(10):
+        one_push(store, 0, step)
+    assert one_push(store, 1, 2) == 10 and store.dropped["too_late"] == 1
+    assert one_push(store, 1, 7) == 11  # within the window: applied on its own
+    assert max(len(r) for r in store.seen.values()) <= 5  # the memory stays bounded
 
 
 def test_sparse_push_validates_rows():
