@@ -46,9 +46,7 @@ def run_main(main: Callable[[], int], verbose: bool, log_path: str) -> int:
     Known user errors (bad config, unreachable or malformed input) exit with 2, anything
     else with 1; ``--verbose`` re-raises so the full trace shows.
     """
-    from pipeline.data.fs import StorageError
-    from pipeline.data.reader import InputError
-    from pipeline.data.sources import SourceError
+    from pipeline.errors import InputError, SourceError, StorageError
 
     errors = USER_ERRORS + (StorageError, InputError, SourceError)
     try:

@@ -3,3 +3,15 @@
 
 class ConfigError(ValueError):
     """A configuration value is invalid. The message names the dotted field."""
+
+
+class StorageError(RuntimeError):
+    """A path or URI cannot be reached or read. The message names it."""
+
+
+class SourceError(ValueError):
+    """The source is missing, empty or malformed. The message names it."""
+
+
+class InputError(ValueError):
+    """The input shards are missing, unreachable or do not follow the data contract."""

@@ -18,8 +18,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFile, UnidentifiedImageError
-from torchvision.io import ImageReadMode
-from torchvision.io import decode_image as tv_decode_image
 
 warnings.filterwarnings("ignore", message=".*decoding and encoding capabilities of TorchVision")
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a reject, not grey padding
@@ -72,6 +70,11 @@ def decode_to_uint8(data: bytes, channels: int, max_pixels: int) -> torch.Tensor
         # with the EOI marker (0xFFD9), give or take some trailing padding.
         raise DecodeError("corrupt or truncated: JPEG has no end-of-image marker")
     if fmt in _TORCHVISION_FORMATS:
+        # imported here: torchvision costs a process ~3 s, and most that import this module
+        # (train workers, the driver) never decode
+        from torchvision.io import ImageReadMode
+        from torchvision.io import decode_image as tv_decode_image
+
         mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
         try:
             buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)

@@ -15,10 +15,7 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 from pipeline.config import S3Config
-
-
-class StorageError(RuntimeError):
-    """A path or URI cannot be reached or read. The message names it."""
+from pipeline.errors import StorageError
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,7 @@ from pipeline.data.decode import DecodeSpec, decode_batch, normalize
 from pipeline.data.fs import Location
 from pipeline.data.quarantine import write_rejects
 from pipeline.data.sampling import BottomK, bottom_k, row_keys
-
-
-class InputError(ValueError):
-    """The input shards are missing, unreachable or do not follow the data contract."""
+from pipeline.errors import InputError
 
 
 def decode_spec(cfg: Config) -> DecodeSpec:

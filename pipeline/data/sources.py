@@ -20,12 +20,9 @@ from PIL import Image
 
 from pipeline.config import S3Config
 from pipeline.data import fs as fsx
+from pipeline.errors import SourceError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-class SourceError(ValueError):
-    """The source is missing, empty or malformed. The message names it."""
 
 
 class Source(Protocol):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision import models as tvm
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
@@ -45,6 +44,8 @@ class SmallCNN(nn.Module):
 
 def resnet_trunk(name: str, in_channels: int) -> tuple[nn.Module, int]:
     """torchvision ResNet without its classifier: (n, C, H, W) -> (n, 512 | 2048)."""
+    from torchvision import models as tvm  # here: ~3 s of import a small_cnn run never needs
+
     net = getattr(tvm, name)(weights=None)
     if in_channels != 3:
         net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
