@@ -17,7 +17,7 @@ Per step, on a worker:
 4. Every ``cluster.sync_every`` steps (a round), push per-cluster sums/counts of f to the
    centroid store, which applies the mini-batch update. With drift compensation, the batch's
    images are offered to a held-out per-cluster probe (:mod:`pipeline.kmeans.drift`), and
-   each round a chunk of the probe is re-embedded (eval mode): the per-cluster mean
+   each round a chunk of the probe is re-embedded (train mode, as f): the per-cluster mean
    displacement since its last embedding goes with the push, and the store shifts those
    centroids by it.
 
@@ -272,16 +272,20 @@ class OnlineWorker:
         self.probe.offer(x.detach().cpu().numpy(), labels.cpu().numpy())
 
     def _measure_drift(self, stats: StepStats) -> None:
-        """Re-embed the next probe chunk (eval mode) and put its per-cluster displacement
-        since its last embedding into ``stats`` (drift sums (k, d), counts (k,))."""
+        """Re-embed the next probe chunk and put its per-cluster displacement since its last
+        embedding into ``stats`` (drift sums (k, d), counts (k,)).
+
+        In the space the centroids' features come from: train mode, normalised with the
+        chunk's own batch statistics (BatchNorm's running statistics untouched). Measured
+        in eval mode instead, the displacement also carried the running statistics chasing
+        the weights, a shift that batch statistics normalise away, and compensation hurt
+        (MNIST, seed 0: NMI 0.24 against 0.69 off after 5 epochs)."""
         if self.probe is None or not len(self.probe):
             return
         slots = self.probe.next_chunk(self.drift_chunk)
-        was = self.model.training
-        self.model.eval()
-        with torch.no_grad():
+        self.model.train()
+        with torch.no_grad(), running_stats_frozen(self.model):
             f = self.model(torch.from_numpy(self.probe.items[slots]).to(self.device))
-        self.model.train(was)
         sums, counts = self.probe.measure(slots, f.float().cpu().numpy())
         stats.drift = torch.from_numpy(sums.astype(np.float32)).to(stats.sums.device)
         stats.drift_counts = torch.from_numpy(counts).to(stats.counts.device)
