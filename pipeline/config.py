@@ -104,9 +104,8 @@ class ClusterConfig:
     init_pool_max: int = 20_000  # caps the driver: 20k images at 224 px RGB are ~3 GB uint8
     sync_every: int = 1  # steps between pushes of aggregated statistics to the server
     max_staleness: int = 1  # rounds a worker may run ahead of the applied centroids (0 = sync)
-    # Hsu & Lin 2017. Off by default: on MNIST the measured batch drift includes the loss's
-    # own pull towards the centroid, and shifting by it pushed centroids away from their
-    # members (+100-120 % inertia over exact k-means, vs -16..+27 % off; README results).
+    # Hsu & Lin 2017, measured on a held-out probe (pipeline/kmeans/drift.py). Off by
+    # default: on MNIST it lowered NMI on every seed (README, "online over three seeds").
     drift_compensation: bool = False
     drift_smoothing: float = 1.0  # fraction of the measured drift applied per round
     # The held-out probe the drift is measured on (pipeline/kmeans/drift.py): images per
