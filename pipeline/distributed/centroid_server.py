@@ -1,11 +1,12 @@
 """The centroid server: one named Ray actor per run, wrapping :class:`CentroidStore`.
 
-It speaks the same protocol as the in-process store (DESIGN §4): ``push`` (asynchronous from
-the workers' side), ``pull(since_version)``, ``state()`` / ``load_state()``. The math is the
-store's; this module only adds Ray and durability:
+It speaks the same protocol as the in-process store (DESIGN §4, protocol v2 in
+:mod:`pipeline.kmeans.store`): ``push`` (asynchronous from the workers' side), ``delta`` /
+``wait``, ``state()`` / ``restart()``. The math is the store's; this module only adds Ray,
+the blocking wait and durability:
 
 * created by the driver with ``num_cpus=0`` and ``max_restarts=-1`` (RAY_NOTES: Actors);
-* every ``persist_every`` rounds, and on every ``load_state``, its state is written atomically
+* every ``persist_every`` rounds, and on every ``restart``, its state is written atomically
   to ``state_uri``; a restarted actor reloads it there, so a crash loses at most a few rounds;
 * its state also goes into every Ray Train checkpoint and is re-seeded on resume.
 """
@@ -94,9 +95,6 @@ class CentroidServer:
     def state(self) -> dict[str, Any]:
         with self.changed:
             return self.store.state()
-
-    def load_state(self, state: dict[str, Any]) -> int:
-        return self.restart(state, self.store.generation)
 
     def restart(self, state: dict[str, Any] | None, generation: int) -> int:
         """:meth:`CentroidStore.restart`, persisted; wakes every waiting worker."""
