@@ -34,6 +34,7 @@ A re-run loads every saved stage without starting a trainer for it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import io
 import json
@@ -170,7 +171,7 @@ class LongLivedTrainer:
         self.desk = ray.remote(num_cpus=0)(StageDesk).remote()
         trainer = make_trainer(self.cfg, serve, {"cfg": self.cfg, "desk": self.desk},
                                self.datasets(), self.storage, "stages",
-                               data_config=_split_config())
+                               data_config=_split_config(self.cfg.train.deterministic))
         self.thread = threading.Thread(target=self._fit, args=(trainer,), daemon=True,
                                        name="stage-trainer")
         self.thread.start()
@@ -195,10 +196,33 @@ class LongLivedTrainer:
                 raise self.error
 
 
-def _split_config() -> Any:
+@contextlib.contextmanager
+def _order_preserved(on: bool) -> Iterator[None]:
+    """Datasets created (and executed) inside keep Ray Data's block order when ``on``: each
+    dataset copies the driver's DataContext when it is created."""
+    import ray.data
+
+    options = ray.data.DataContext.get_current().execution_options
+    saved = options.preserve_order
+    options.preserve_order = saved or on
+    try:
+        yield
+    finally:
+        options.preserve_order = saved
+
+
+def _split_config(deterministic: bool = False) -> Any:
     """Ray Train's dataset config: ``train`` split equally over the workers (a step is a
-    barrier), ``embed`` split without dropping a row (every image gets a feature)."""
+    barrier), ``embed`` split without dropping a row (every image gets a feature). With
+    ``deterministic`` (``train.deterministic``), the train stream keeps Ray Data's block
+    order: a seeded shuffle draws each block's permutation from seed + block index, so
+    blocks arriving in a different order give a different epoch order."""
     from ray.train import DataConfig
+
+    options = None
+    if deterministic:
+        options = {"train": DataConfig.default_ingest_options()}
+        options["train"].preserve_order = True
 
     class Split(DataConfig):  # type: ignore[misc]
         def configure(self, datasets: dict[str, Any], world_size: int, *args: Any,
@@ -213,7 +237,7 @@ def _split_config() -> Any:
                     out[i]["embed"] = split
             return out
 
-    return Split(datasets_to_split=["train", "embed"])
+    return Split(datasets_to_split=["train", "embed"], execution_options=options)
 
 
 # ------------------------------------------------------------------------------------------
@@ -237,10 +261,12 @@ class RayRunner:
         from pipeline.distributed.job import decoded_images, training_images
 
         args = (self.cfg, self.input_uri, self.shards, ["id", "pixels"])
-        embed = decoded_images(*args)
-        if self.cfg.data.cache_decoded:
-            embed = embed.materialize()
-        return {"train": training_images(*args, cached=embed), "embed": embed}
+        # train.deterministic: the materialised copy keeps block order too (_split_config)
+        with _order_preserved(self.cfg.train.deterministic):
+            embed = decoded_images(*args)
+            if self.cfg.data.cache_decoded:
+                embed = embed.materialize()
+            return {"train": training_images(*args, cached=embed), "embed": embed}
 
     def _claim(self, name: str) -> None:
         if name in self.names or not name or "/" in name:
@@ -501,9 +527,9 @@ def embed_sample(stage: Embed, cfg: Config, ids: np.ndarray, pixels: torch.Tenso
     embeds (:func:`~pipeline.methods.reference.embed_pixels`)."""
     from pipeline.methods.reference import embed_pixels
 
-    features = embed_pixels(stage, pixels, cfg.cluster.assign_batch_size)
+    features, extra = embed_pixels(stage, pixels, cfg.cluster.assign_batch_size)
     return PerId(ids, {"feature": features},
-                 None if labels is None else np.asarray(labels, str)).sorted()
+                 None if labels is None else np.asarray(labels, str), extra).sorted()
 
 
 def embed_share(cfg: Config, stage: Embed, shard: Any, ctx: Context) -> PerId:

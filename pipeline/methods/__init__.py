@@ -85,7 +85,8 @@ _FEATURE_PASSES = ("deepcluster.local_max_points", "deepcluster.kmeans_shards",
 REGISTRY: dict[str, MethodInfo] = {
     "online": staged(
         "online", "Hsu & Lin 2017", "pipeline.methods.online",
-        reads=("online.", "train.warmup_epochs", *_CENTROID_SERVER)),
+        reads=("online.", "train.warmup_epochs", "train.precise_bn_images",
+               *_CENTROID_SERVER)),
     "deepcluster": staged(
         "deepcluster", "Caron et al. 2018", "pipeline.methods.deepcluster",
         reads=("deepcluster.", "train.lr_schedule"),

@@ -168,7 +168,13 @@ class Embed:
     them on the driver into the stage's result (only that is saved). With ``sample``, only
     that many images are embedded, drawn uniformly by a ``train.seed``-keyed hash of their
     ids (the same images whatever the stored order; bad images skipped), in batches of
-    ``cluster.assign_batch_size``."""
+    ``cluster.assign_batch_size``.
+
+    With ``precise_bn`` (a batch size; needs ``sample``), the model's BatchNorm statistics
+    are first recomputed over the sample in batches of that size
+    (:func:`~pipeline.models.layers.recompute_bn_stats`); the features are then the
+    calibrated model's, in eval mode, and its safetensors bytes are ``extra["model"]``
+    (uint8)."""
 
     name: str
     model: bytes
@@ -176,6 +182,7 @@ class Embed:
     batch_stats: bool = False  # BatchNorm from each batch (an untrained model's are void)
     reduce: Callable[[PerId, Scatter], PerId] | None = None
     sample: int | None = None
+    precise_bn: int | None = None
 
 
 @dataclass

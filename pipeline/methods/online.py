@@ -24,7 +24,9 @@ Per step, on a worker:
 Everything here is plain PyTorch against the :class:`CentroidClient` protocol: the in-process
 ``CentroidStore`` and the Ray centroid server both satisfy it. No Ray imports. The method is
 written as stages (:func:`stages`): features of a uniform sample under the initial model
-seed the centroids, then one train stage of :class:`OnlineProgram` with the centroid server.
+seed the centroids, then one train stage of :class:`OnlineProgram` with the centroid server,
+then precise BatchNorm statistics for the exported model (``train.precise_bn_images``), so
+the eval-mode assignment pass normalises features as the training steps did.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.data.augment import AugmentSpec, augment
-from pipeline.kmeans.drift import DriftProbe
+from pipeline.kmeans.drift import DriftProbe, toward_centroid
 from pipeline.kmeans.stats import assign, partial_stats
 from pipeline.kmeans.store import Delta
 from pipeline.methods.base import Context, Embed, Hooks, Stages, Train
@@ -200,6 +202,7 @@ class OnlineWorker:
     history: list[dict[str, float]] = field(default_factory=list)
     last_labels: torch.Tensor | None = None  # cluster of each image of the latest step
     probe: DriftProbe | None = None  # created at the first CNN step when compensating
+    drift_alignment: list[float] = field(default_factory=list)  # toward_centroid per round
 
     def refresh(self, until_round: int = -1) -> None:
         """Bring the local centroids up to date; wait until the store has applied every
@@ -286,7 +289,13 @@ class OnlineWorker:
         self.model.train()
         with torch.no_grad(), running_stats_frozen(self.model):
             f = self.model(torch.from_numpy(self.probe.items[slots]).to(self.device))
-        sums, counts = self.probe.measure(slots, f.float().cpu().numpy())
+        new, old = f.float().cpu().numpy(), self.probe.features[slots].copy()
+        had = self.probe.baseline[slots].copy()
+        centroids = None if self.centroids is None else self.centroids.cpu().numpy()
+        if had.any() and centroids is not None:
+            mine = centroids[self.probe.clusters_of(slots[had], centroids)]
+            self.drift_alignment.append(toward_centroid(old[had], new[had], mine))
+        sums, counts = self.probe.measure(slots, new, centroids)
         stats.drift = torch.from_numpy(sums.astype(np.float32)).to(stats.sums.device)
         stats.drift_counts = torch.from_numpy(counts).to(stats.counts.device)
 
@@ -428,7 +437,8 @@ class OnlineProgram(Hooks):
             drift_probe=probe_size(cfg.cluster.k, cfg.cluster.drift_probe,
                                    cfg.cluster.drift_probe_max),
             drift_chunk=cfg.cluster.drift_chunk, probe_seed=cfg.train.seed + 7919 * ctx.rank,
-            sync_every=cfg.cluster.sync_every, max_staleness=cfg.cluster.max_staleness,
+            sync_every=cfg.cluster.sync_every,
+            max_staleness=0 if cfg.train.deterministic else cfg.cluster.max_staleness,
             worker=ctx.rank)
         return [optimizer]
 
@@ -461,6 +471,9 @@ class OnlineProgram(Hooks):
     def end_epoch(self, epoch: int, ctx: Context) -> dict[str, float]:
         self._flush()
         out = {key: value / max(1, self.steps) for key, value in self.totals.items()}
+        if self.worker.drift_alignment:  # how much of the measured drift is the loss's pull
+            out["drift_toward_centroid"] = float(np.mean(self.worker.drift_alignment))
+            self.worker.drift_alignment.clear()
         out["images"] = float(self.images)
         if self.truth:
             y_true, y_pred = np.concatenate(self.truth), np.concatenate(self.pred)
@@ -473,9 +486,13 @@ class OnlineProgram(Hooks):
 def stages(cfg: Config) -> Stages:
     """Features of a uniform sample (``cluster.init_pool`` per cluster) under the seeded
     initial model, with batch statistics, seed k centroids (``cluster.init``, DESIGN §4);
-    then ``train.epochs`` of :class:`OnlineProgram` with the centroid server."""
+    then ``train.epochs`` of :class:`OnlineProgram` with the centroid server; then, for a
+    model with BatchNorm, its running statistics recomputed over ``train.precise_bn_images``
+    images in training-size batches (an ``Embed`` with ``precise_bn``): the centroids are
+    means of batch-normalised features, and the exported model's eval mode then matches."""
     from pipeline.kmeans.init import pool_size, seed_centroids
     from pipeline.methods.arch import initial_model, model_arch
+    from pipeline.models.layers import has_batchnorm
     from pipeline.models.weights import save_bytes
     from pipeline.outputs import TrainedModel
 
@@ -492,4 +509,11 @@ def stages(cfg: Config) -> Stages:
     cnn.load_state_dict({key[len("cnn."):]: torch.from_numpy(v)
                          for key, v in result.state.items() if key.startswith("cnn.")})
     assert result.centroids is not None
-    return TrainedModel(save_bytes(cnn), arch, result.centroids, result.history)
+    model = save_bytes(cnn)
+    if cfg.train.precise_bn_images and has_batchnorm(cnn):
+        # The feature space of the centroids: each training step normalises with its own
+        # batch statistics; the eval-mode assignment pass then normalises the same way.
+        calibrated = yield Embed("precise-bn", model, arch, sample=cfg.train.precise_bn_images,
+                                 precise_bn=cfg.train.batch_size // cfg.scale.workers)
+        model = calibrated.extra["model"].tobytes()
+    return TrainedModel(model, arch, result.centroids, result.history)

@@ -33,6 +33,8 @@ from pipeline.methods.base import (
     set_lr,
     to_batch,
 )
+from pipeline.models.layers import recompute_bn_stats
+from pipeline.models.weights import save_bytes
 from pipeline.outputs import TrainedModel
 
 
@@ -48,9 +50,10 @@ class LocalRunner:
         rows = np.arange(len(self.ids))
         if stage.sample is not None:  # the same draw as the Ray runner's bottom-k sample
             rows = bottom_k(row_keys(self.ids, self.cfg.train.seed), stage.sample)
-        features = embed_pixels(stage, self.pixels[rows], self.cfg.cluster.assign_batch_size)
+        features, extra = embed_pixels(stage, self.pixels[rows],
+                                       self.cfg.cluster.assign_batch_size)
         found = PerId(self.ids[rows], {"feature": features},
-                      None if self.labels is None else self.labels[rows]).sorted()
+                      None if self.labels is None else self.labels[rows], extra).sorted()
         found.facts["embed_s"] = time.perf_counter() - t0
         return found if stage.reduce is None else stage.reduce(found, LocalShards.scatter)
 
@@ -96,17 +99,23 @@ class LocalRunner:
         return out
 
 
-def embed_pixels(stage: Embed, pixels: torch.Tensor, batch: int) -> np.ndarray:
+def embed_pixels(stage: Embed, pixels: torch.Tensor, batch: int
+                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Features (m, d) float32 of normalised pixels (m, C, H, W) under ``stage``'s model, on
-    the CPU in batches of ``batch`` (BatchNorm from each batch with ``stage.batch_stats``).
-    The Ray runner embeds its sampled stages with this too."""
+    the CPU in batches of ``batch`` (BatchNorm from each batch with ``stage.batch_stats``),
+    and the stage's extra arrays (the calibrated model with ``stage.precise_bn``). The Ray
+    runner embeds its sampled stages with this too."""
     model = load_model(stage.model, stage.arch, torch.device("cpu"))
-    if stage.batch_stats:
+    extra: dict[str, np.ndarray] = {}
+    if stage.precise_bn:
+        recompute_bn_stats(model, pixels, stage.precise_bn)
+        extra["model"] = np.frombuffer(save_bytes(model), np.uint8).copy()
+    elif stage.batch_stats:
         model.train()
     with torch.inference_mode():
         parts = [model(x).float().numpy() for x in pixels.split(batch)]
     d = int(stage.arch["feature_dim"])
-    return np.concatenate(parts) if parts else np.zeros((0, d), np.float32)
+    return (np.concatenate(parts) if parts else np.zeros((0, d), np.float32)), extra
 
 
 def _decode_all(cfg: Config, uri: str) -> tuple[np.ndarray, torch.Tensor, np.ndarray | None]:

@@ -43,3 +43,32 @@ class WhitenedEmbedder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.whiten(self.embedder(x)), dim=1)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def recompute_bn_stats(model: nn.Module, pixels: torch.Tensor, batch: int) -> int:
+    """Precise BatchNorm (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021, §3.1):
+    every BatchNorm layer's running mean and variance become the plain average of its batch
+    statistics over ``pixels`` (m, C, H, W) in batches of ``batch``, under the current
+    weights. With ``batch`` the training batch per worker, eval mode then normalises as an
+    average training batch does, instead of by an exponential average that lags the
+    weights. Leaves ``model`` in eval mode; returns the number of batches used."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: running = mean of the batches seen
+    model.train()
+    chunks = [x for x in pixels.split(max(1, batch)) if len(x) > 1]  # BN needs 2 rows
+    try:
+        for x in chunks:
+            model(x)
+    finally:
+        for m, momentum in zip(norms, saved, strict=True):
+            m.momentum = momentum
+        model.eval()
+    return len(chunks)

@@ -55,3 +55,21 @@ def test_pickles_and_garbage_are_refused(tmp_path):
         load_pretrained(build_embedder("small_cnn", 1, 8), str(tmp_path / "other.safetensors"))
     with pytest.raises(WeightsError, match="missing.pt"):
         load_pretrained(build_embedder("small_cnn", 1, 8), str(tmp_path / "missing.pt"))
+
+
+def test_precise_bn_stats_are_the_average_of_the_batch_statistics():
+    """recompute_bn_stats: each BatchNorm's running mean/var = the mean of its per-batch
+    statistics (Wu & Johnson 2021), whatever momentum training used; momentum restored."""
+    from pipeline.models.layers import recompute_bn_stats
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4, momentum=0.3))
+    x = torch.randn(12, 3) * 2 + 1
+    assert recompute_bn_stats(model, x, batch=4) == 3
+    bn = model[1]
+    h = model[0](x).detach().split(4)
+    assert torch.allclose(bn.running_mean, torch.stack([b.mean(0) for b in h]).mean(0), atol=1e-6)
+    assert torch.allclose(bn.running_var, torch.stack([b.var(0) for b in h]).mean(0), atol=1e-5)
+    assert bn.momentum == 0.3 and not model.training
+    # a trailing batch of one row is skipped (BatchNorm cannot normalise it)
+    assert recompute_bn_stats(model, x[:9], batch=4) == 2
