@@ -12,7 +12,13 @@ from earlier batches, with the feature each had when last embedded. Once a round
 ``cluster.sync_every`` steps) the worker re-embeds a chunk of the probe under the current
 weights and :meth:`DriftProbe.measure` returns, per cluster, the summed displacement since
 each image's previous embedding and the number of images, as drift statistics for
-:func:`pipeline.kmeans.minibatch.apply_drift`. Because each image's baseline is reset at
+:func:`pipeline.kmeans.minibatch.apply_drift`. An image's displacement counts for the
+cluster nearest its previous feature under the current centroids (its present cluster),
+not the one it was drawn for: images change clusters as the network learns, and the
+reservoirs fill in the first epoch, when the clustering is nearly random (a probe that kept
+those memberships tied each centroid to a few early, mostly wrong members: MNIST NMI 0.41
+against 0.89 without compensation, seed 0). The per-cluster reservoirs only spread the
+held-out images over the clusters of their time. Because each image's baseline is reset at
 every measurement, the displacements telescope: whatever the number of steps between two
 measurements (any ``sync_every``, any chunking), a cluster is moved by the whole drift its
 probe saw, once. An image's first embedding only sets its baseline.
@@ -76,18 +82,30 @@ class DriftProbe:
         self.cursor = int(take[-1]) + 1
         return take
 
-    def measure(self, slots: np.ndarray, features: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray]:
+    def clusters_of(self, slots: np.ndarray, centroids: np.ndarray | None) -> np.ndarray:
+        """The cluster each slot's drift counts for (s,): with ``centroids`` (k, d), the
+        nearest to the slot's last feature (its current cluster: images move between
+        clusters as the network learns, and a cluster drifts with its present members);
+        without, the cluster it was offered to."""
+        slots = np.asarray(slots, np.int64)
+        if centroids is None:
+            return slots // self.per_cluster
+        f = self.features[slots].astype(np.float64)
+        c = np.asarray(centroids, np.float64)
+        return ((f ** 2).sum(1)[:, None] - 2 * f @ c.T + (c ** 2).sum(1)).argmin(1)
+
+    def measure(self, slots: np.ndarray, features: np.ndarray,
+                centroids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """New features (s, d) of ``slots`` -> per-cluster drift sums (k, d) float64 and
-        counts (k,) int64 of the slots that had a baseline; every slot's baseline becomes
-        its new feature."""
+        counts (k,) int64 of the slots that had a baseline, each counted for its cluster
+        (:meth:`clusters_of`); every slot's baseline becomes its new feature."""
         slots = np.asarray(slots, np.int64)
         features = np.asarray(features, np.float32)
         sums = np.zeros((self.k, self.features.shape[1]), dtype=np.float64)
         counts = np.zeros(self.k, dtype=np.int64)
         known = slots[self.baseline[slots]]
         if known.size:
-            clusters = known // self.per_cluster
+            clusters = self.clusters_of(known, centroids)
             moved = features[self.baseline[slots]].astype(np.float64) - self.features[known]
             np.add.at(sums, clusters, moved)
             np.add.at(counts, clusters, 1)
@@ -99,3 +117,18 @@ def probe_size(k: int, per_cluster: int, max_items: int) -> int:
     """Images kept per cluster: ``per_cluster``, fewer when k · per_cluster would pass
     ``max_items`` (at least 1)."""
     return max(1, min(per_cluster, max_items // max(1, k)))
+
+
+def toward_centroid(old: np.ndarray, new: np.ndarray, centroids: np.ndarray) -> float:
+    """Diagnostic: mean cosine between each probe image's displacement ``new - old`` (m, d)
+    and the direction from its old feature to its cluster's centroid, ``centroids`` (m, d)
+    row by row. Near 1 when the measured drift is the loss pulling the members toward their
+    centroid (which generalises to held-out images too: compensation then moves the centroid
+    away by the same amount); near 0 for drift unrelated to the clustering."""
+    moved = np.asarray(new, np.float64) - old
+    to_c = np.asarray(centroids, np.float64) - old
+    norms = np.linalg.norm(moved, axis=1) * np.linalg.norm(to_c, axis=1)
+    ok = norms > 0
+    if not ok.any():
+        return 0.0
+    return float(((moved * to_c).sum(1)[ok] / norms[ok]).mean())

@@ -92,3 +92,29 @@ def test_probe_size_caps_the_probe():
     assert probe_size(100_000, 4, 4096) == 1
     with pytest.raises(ValueError):
         DriftProbe(0, 1, (1,), 1)
+
+
+def test_toward_centroid_is_the_mean_cosine_of_displacement_and_pull():
+    from pipeline.kmeans.drift import toward_centroid
+
+    old = np.zeros((3, 2))
+    centroids = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 0.0]])
+    new = np.array([[0.5, 0.0], [0.0, -1.0], [0.0, 3.0]])  # toward, away, orthogonal
+    assert toward_centroid(old, new, centroids) == pytest.approx((1 - 1 + 0) / 3)
+    assert toward_centroid(old, old, centroids) == 0.0  # nothing moved
+
+
+def test_drift_counts_for_the_cluster_an_image_is_nearest_now():
+    """An image offered to cluster 0 whose last feature now lies nearest centroid 1 moves
+    centroid 1: a cluster drifts with its present members, not with those it had when the
+    reservoir drew them (early in training, nearly at random)."""
+    probe = DriftProbe(k=2, per_cluster=2, item_shape=(2,), dim=2, seed=0)
+    probe.offer(np.array([[0.0, 0.0], [5.0, 5.0]]), np.array([0, 0]))
+    slots = probe.next_chunk(8)
+    probe.measure(slots, np.array([[0.0, 0.0], [5.0, 5.0]]))  # baselines
+    centroids = np.array([[0.0, 0.0], [5.0, 5.0]])
+    assert list(probe.clusters_of(slots, centroids)) == [0, 1]
+    assert list(probe.clusters_of(slots, None)) == [0, 0]  # as offered
+    sums, counts = probe.measure(slots, np.array([[1.0, 0.0], [5.0, 7.0]]), centroids)
+    np.testing.assert_allclose(sums, [[1.0, 0.0], [0.0, 2.0]])
+    assert list(counts) == [1, 1]
