@@ -6,7 +6,8 @@ import importlib
 import sys
 
 NAMES = ("quality", "ingest", "gpu_smoke", "throughput", "kmeans", "centroid_server", "memory",
-         "gpu_throughput", "deepcluster", "depict", "shuffle", "epoch_overhead", "report", "table")
+         "gpu_throughput", "deepcluster", "depict", "shuffle", "epoch_overhead", "report", "table",
+         "train_throughput")
 
 
 def main() -> int:

@@ -2,6 +2,7 @@
 
     python -m bench centroid_server            # k in {100,1000,10000} x d in {128,512,2048} x 1-2 workers
     python -m bench centroid_server --quick    # k in {100,1000} x d in {128,512} x 1-2 workers
+    python -m bench centroid_server --headline # k=1000, d=512 x 1-2 workers, 7 repeats of 48
 
 Each worker is a Ray actor (one CPU, one torch thread) running the ``online`` method's real
 train step (:class:`pipeline.methods.online.OnlineWorker`: small CNN forward/backward on 64
@@ -215,6 +216,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--sharding", action="store_true",
                    help="only the sharded-server capacity (centroid_server-sharding.json)")
+    p.add_argument("--headline", action="store_true",
+                   help="only k=1000, d=512, with 7 repeats of 48 steps for a tighter median "
+                        "(centroid_server-headline.json)")
     args = p.parse_args(argv)
     from pipeline.distributed.runtime import init_ray
 
@@ -223,6 +227,8 @@ def main(argv: list[str]) -> int:
         return sharding_main(args.quick)
     ks, ds = ([100, 1000], [128, 512]) if args.quick else ([100, 1000, 10000], [128, 512, 2048])
     steps, repeats = (STEPS // 2, 2) if args.quick else (STEPS, REPEATS)
+    if args.headline:
+        ks, ds, steps, repeats = [1000], [512], 2 * STEPS, 7
     rows = []
     import ray
 
@@ -240,7 +246,8 @@ def main(argv: list[str]) -> int:
         for w in pool:
             ray.kill(w)
     capacity = []
-    for (k, d), batch in itertools.product(itertools.product(ks, ds), (64, 256)):
+    for (k, d), batch in itertools.product(itertools.product(ks, ds),
+                                           () if args.headline else (64, 256)):
         cap = server_capacity(k, d, batch, 100 if args.quick else 300)
         capacity.append(cap)
         print(f"  capacity k={k:>5} d={d:>4} batch={batch}: push {cap['push_ms']:.2f} ms, pull "
@@ -250,7 +257,8 @@ def main(argv: list[str]) -> int:
     value = max(r["overhead"] for r in target)
     headline = {"name": "sync_overhead_k1000_d512", "value": value, "target": 0.10,
                 "meets": value <= 0.10}
-    path = write_result("centroid_server" + ("-quick" if args.quick else ""), headline,
+    suffix = "-headline" if args.headline else "-quick" if args.quick else ""
+    path = write_result("centroid_server" + suffix, headline,
                         {"rows": rows, "server_capacity": capacity,
                          "batch_per_worker": BATCH, "steps": steps,
                          "repeats": repeats, "ddp": "gloo, both modes",
