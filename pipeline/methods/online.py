@@ -50,6 +50,7 @@ from pipeline.kmeans.stats import assign, partial_stats
 from pipeline.kmeans.store import Delta
 from pipeline.methods.base import Context, Embed, Hooks, Stages, Train
 from pipeline.metrics import acc, nmi
+from pipeline.models.layers import batchnorms, has_batchnorm
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -124,7 +125,7 @@ def online_loss(f: torch.Tensor, f_aug: torch.Tensor | None, centroids: torch.Te
 def running_stats_frozen(model: nn.Module) -> Iterator[None]:
     """BatchNorm layers still normalise with the batch's statistics (train mode), but their
     running statistics stay as they are (momentum 0) inside this block."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = batchnorms(model)
     saved = [m.momentum for m in norms]
     for m in norms:
         m.momentum = 0.0
@@ -492,7 +493,6 @@ def stages(cfg: Config) -> Stages:
     means of batch-normalised features, and the exported model's eval mode then matches."""
     from pipeline.kmeans.init import pool_size, seed_centroids
     from pipeline.methods.arch import initial_model, model_arch
-    from pipeline.models.layers import has_batchnorm
     from pipeline.models.weights import save_bytes
     from pipeline.outputs import TrainedModel
 

@@ -45,8 +45,13 @@ class WhitenedEmbedder(nn.Module):
         return F.normalize(self.whiten(self.embedder(x)), dim=1)
 
 
+def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm layer of ``model`` (any dimension)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return bool(batchnorms(model))
 
 
 @torch.no_grad()
@@ -57,7 +62,7 @@ def recompute_bn_stats(model: nn.Module, pixels: torch.Tensor, batch: int) -> in
     weights. With ``batch`` the training batch per worker, eval mode then normalises as an
     average training batch does, instead of by an exponential average that lags the
     weights. Leaves ``model`` in eval mode; returns the number of batches used."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = batchnorms(model)
     saved = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
