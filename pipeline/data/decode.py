@@ -1,8 +1,9 @@
 """Decode encoded image bytes to model-ready arrays, one row at a time, never failing a batch.
 
-Decoding uses torchvision's native decoders (JPEG, PNG, WebP, GIF, AVIF where built) and falls
-back to Pillow for everything else (BMP, TIFF, ...). Every failure is returned as a reason
-string, so a caller can quarantine the row with its id and go on (DESIGN §3, RAY_NOTES: Data).
+Decoding uses torchvision's native decoders for JPEG, WebP and GIF and Pillow for everything
+else (PNG, BMP, TIFF, ...). Every failure is returned as a reason string, so a caller can
+quarantine the row with its id and go on (DESIGN §3, RAY_NOTES: Data). Animated GIF, PNG and
+WebP files give their first frame; 16-bit greyscale keeps its 8 most significant bits.
 
 This module imports neither Ray nor Ray Data: it is plain numpy/torch and tested as such.
 """
@@ -23,7 +24,11 @@ warnings.filterwarnings("ignore", message=".*decoding and encoding capabilities 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a reject, not grey padding
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit before decoding
 
-_TORCHVISION_FORMATS = {"JPEG", "PNG", "WEBP", "GIF"}
+# Not PNG: torchvision 0.29.1's decode_png kills the process (SIGSEGV) on any libpng error,
+# e.g. one flipped bit in an IDAT chunk (found by tests/fuzz). Pillow decodes a 256-px PNG as
+# fast and a 28-px one ~20% slower here (~15 us: the header is parsed twice).
+_TORCHVISION_FORMATS = {"JPEG", "WEBP", "GIF"}
+_SIXTEEN_BIT_GREY = {"I;16", "I;16B", "I;16L", "I;16N"}
 
 
 class DecodeError(ValueError):
@@ -53,7 +58,7 @@ def probe(data: bytes, max_pixels: int) -> tuple[str, int, int]:
     except Exception as exc:  # noqa: BLE001 - any parser failure is a reject
         raise DecodeError(f"corrupt or truncated header: {type(exc).__name__}: {exc}") from exc
     if width <= 0 or height <= 0:
-        raise DecodeError(f"invalid size {width}x{height}")
+        raise DecodeError(f"invalid size: {width}x{height}")
     if width * height > max_pixels:
         raise DecodeError(f"too large: {width}x{height} exceeds max_pixels={max_pixels}")
     return fmt, width, height
@@ -114,12 +119,21 @@ def _decode_pillow(data: bytes, channels: int) -> torch.Tensor:
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
-                rgb = img.convert("L" if channels == 1 else "RGB")
+                rgb = _eight_bit(img).convert("L" if channels == 1 else "RGB")
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt data of any kind
         raise DecodeError(f"corrupt or truncated: {type(exc).__name__}: {exc}") from exc
     array = np.asarray(rgb, dtype=np.uint8)
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     return torch.from_numpy(np.array(array, copy=True))
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """16-bit greyscale (``I;16*``) -> ``L`` with the high byte of each value, as libpng's
+    ``png_set_strip_16``; Pillow's own conversion would clip every value above 255 to white."""
+    if img.mode not in _SIXTEEN_BIT_GREY:
+        return img
+    values = np.asarray(img).astype(np.uint16)  # native byte order, whatever the mode's
+    return Image.fromarray((values >> 8).astype(np.uint8), mode="L")
 
 
 def resize(image: torch.Tensor, size: int) -> torch.Tensor:

@@ -65,7 +65,8 @@ class WriteShard:
 
     A shard is a contiguous run of the chosen order, so the files hold the stream order by
     construction, whatever order Ray runs the tasks in. Rows are fetched, checked and written
-    one row group at a time (bounded memory); bad rows go to quarantine.
+    one row group at a time (bounded memory); bad rows go to quarantine, as do items the
+    source refused at listing (their ``reason``), which are never fetched.
     """
 
     def __init__(self, source: Source, staging: Location, schema: pa.Schema, cfg: IngestConfig):
@@ -76,7 +77,7 @@ class WriteShard:
     def __call__(self, batch: pa.Table) -> pa.Table:
         (plan,) = batch.to_pylist()
         labels = plan.get("labels") or [None] * len(plan["ids"])
-        rows = list(zip(plan["ids"], plan["refs"], labels, strict=True))
+        rows = list(zip(plan["ids"], plan["refs"], labels, plan["reasons"], strict=True))
         path = self.staging.join(f"part-{plan['shard']:05d}.parquet").path
         kept = 0
         with pq.ParquetWriter(self.staging.fs.open_output_stream(path), self.schema) as writer:
@@ -88,11 +89,13 @@ class WriteShard:
             self.staging.fs.delete_file(path)
         return pa.table({"shard": [plan["shard"]], "rows": [kept]})
 
-    def _checked(self, rows: list[tuple[str, Any, Any]]) -> pa.Table:
-        payloads = self.source.fetch([ref for _, ref, _ in rows])
+    def _checked(self, rows: list[tuple[str, Any, Any, str]]) -> pa.Table:
+        """``rows``: (id, ref, label, listing reason or "") -> the good rows as a table."""
+        payloads = iter(self.source.fetch([ref for _, ref, _, refused in rows if not refused]))
         good: list[tuple[str, bytes | str, Any]] = []
         bad: list[tuple[str, str, str]] = []  # (id, source, reason)
-        for (image_id, ref, label), payload in zip(rows, payloads, strict=True):
+        for image_id, ref, label, refused in rows:
+            payload = refused or next(payloads)
             reason = payload if isinstance(payload, str) else self._check(payload)
             if reason is None:
                 good.append((image_id, payload, label))
@@ -177,8 +180,10 @@ def _write_shards(source: Source, items: list[dict[str, Any]], staging: Location
 
 
 def _plan(shard: int, chunk: list[dict[str, Any]], labelled: bool) -> dict[str, Any]:
-    """One shard's work: its number and its items' ids, refs and labels, as columns."""
-    plan = {"shard": shard, "ids": [it["id"] for it in chunk], "refs": [it["ref"] for it in chunk]}
+    """One shard's work: its number and its items' ids, refs, listing reasons ("" for none)
+    and labels, as columns."""
+    plan = {"shard": shard, "ids": [it["id"] for it in chunk], "refs": [it["ref"] for it in chunk],
+            "reasons": [it.get("reason", "") for it in chunk]}
     if labelled:
         plan["labels"] = [it["label"] for it in chunk]
     return plan
