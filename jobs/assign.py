@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.cli import job_main
+from pipeline.cli import add_address, job_main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,6 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="e.g. --set scale.assign_actors=4 --set scale.gpu=true "
                         "--set s3.endpoint_url=...")
+    add_address(p)
     p.add_argument("--verbose", action="store_true")
     return p.parse_args(argv)
 

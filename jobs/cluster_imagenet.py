@@ -20,7 +20,7 @@ import argparse
 import sys
 
 from pipeline import methods
-from pipeline.cli import job_main
+from pipeline.cli import add_address, job_main
 from pipeline.config import Config, resolve
 
 # The embedded demo (no --input): scikit-learn's 8x8 digits need neither 28 px nor a wide net;
@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true",
                    help="delete an existing run in --output first (else it resumes, or stops "
                         "when it was made with a different config)")
+    add_address(p)
     p.add_argument("--verbose", action="store_true")
     return p.parse_args(argv)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.cli import job_main
+from pipeline.cli import add_address, job_main
 from pipeline.config import IngestConfig, resolve
 
 
@@ -30,6 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="seed of the row order (default 0)")
     p.add_argument("--config", help="YAML file with IngestConfig fields")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_address(p)
     p.add_argument("--verbose", action="store_true")
     return p.parse_args(argv)
 

@@ -29,7 +29,8 @@ from pipeline.config import Config, resolve
 from pipeline.data import fs as fsx
 from pipeline.data.fs import Location
 from pipeline.data.publish import is_complete
-from pipeline.data.reader import InputError, find_shards
+from pipeline.data.reader import InputError, Shards, find_shards
+from pipeline.lock import OutputLock
 from pipeline.outputs import (
     RunPaths,
     TrainedModel,
@@ -70,6 +71,13 @@ def assign_job(run_uri: str, input_uri: str, output_uri: str,
     thresholds = load_thresholds(paths, cfg)
     shards = find_shards(input_uri, s3)
     out = fsx.locate(output_uri, s3)
+    with OutputLock(out, ttl_s=cfg.scale.lease_ttl_s):  # a second writer stops here
+        return _assign_locked(cfg, trained, thresholds, shards, out, run_uri)
+
+
+def _assign_locked(cfg: Config, trained: TrainedModel, thresholds: np.ndarray,
+                   shards: Shards, out: Location, run_uri: str) -> AssignResult:
+    input_uri, output_uri = shards.location.uri, out.uri
     claim_output(out, run_uri, trained)
     plan = plan_shards(shards, out)
     if not plan.todo:

@@ -33,9 +33,18 @@ def setup_logging(verbose: bool) -> str:
     return log_path
 
 
+def add_address(parser: argparse.ArgumentParser) -> None:
+    """``--address``: the Ray cluster to join. Without it (and without ``RAY_ADDRESS``, which
+    ``ray job submit`` sets) a job starts a private local cluster that dies with it."""
+    parser.add_argument("--address", help="Ray cluster to join (host:port, ray://host:port "
+                        "or auto); default: RAY_ADDRESS, else a private local cluster")
+
+
 def job_main(args: argparse.Namespace, body: Callable[[argparse.Namespace], int]) -> int:
     """The whole ``main`` of a job script: logging per ``args.verbose``, then ``body(args)``
-    under :func:`run_main`."""
+    under :func:`run_main`. ``--address`` is handed to Ray as ``RAY_ADDRESS``."""
+    if getattr(args, "address", None):
+        os.environ["RAY_ADDRESS"] = args.address
     log_path = setup_logging(args.verbose)
     return run_main(lambda: body(args), args.verbose, log_path)
 
@@ -46,9 +55,9 @@ def run_main(main: Callable[[], int], verbose: bool, log_path: str) -> int:
     Known user errors (bad config, unreachable or malformed input) exit with 2, anything
     else with 1; ``--verbose`` re-raises so the full trace shows.
     """
-    from pipeline.errors import InputError, SourceError, StorageError
+    from pipeline.errors import ClusterError, InputError, SourceError, StorageError
 
-    errors = USER_ERRORS + (StorageError, InputError, SourceError)
+    errors = USER_ERRORS + (StorageError, InputError, SourceError, ClusterError)
     try:
         return main()
     except KeyboardInterrupt:

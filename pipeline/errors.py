@@ -15,3 +15,7 @@ class SourceError(ValueError):
 
 class InputError(ValueError):
     """The input shards are missing, unreachable or do not follow the data contract."""
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster to join cannot be reached or joined. The message names its address."""

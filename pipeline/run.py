@@ -30,6 +30,7 @@ from pipeline.config import Config, IngestConfig, dump_yaml
 from pipeline.data import fs as fsx
 from pipeline.data.publish import SUCCESS, is_complete
 from pipeline.data.reader import Shards, find_shards
+from pipeline.lock import LOCK_NAME, OutputLock
 from pipeline.outputs import DEMO_INPUT, RunPaths, TrainedModel, load_trained, save_trained
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,8 @@ def prepare_demo_input() -> str:
 def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     """Run every stage of a clustering run; returns the metrics written to metrics.json.
     An existing run under ``data.output`` resumes if its ``run.json`` matches ``cfg``
-    (:mod:`pipeline.manifest`), else stops; ``overwrite`` deletes it first."""
-    from pipeline.distributed.runtime import init_ray
-
+    (:mod:`pipeline.manifest`), else stops; ``overwrite`` deletes it first. The run holds
+    the output's writer lock throughout (:mod:`pipeline.lock`)."""
     start = time.perf_counter()
     cfg.version = __version__
     method = methods.get(cfg.method)
@@ -58,9 +58,16 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     if cfg.data.input:
         find_shards(cfg.data.input, cfg.s3)  # fail fast, before Ray starts
     paths = RunPaths(fsx.locate(cfg.data.output, cfg.s3))
-    if overwrite and fsx.exists(paths.root):
+    with OutputLock(paths.root, ttl_s=cfg.scale.lease_ttl_s):  # a second writer stops here
+        return _run_locked(cfg, paths, overwrite, start)
+
+
+def _run_locked(cfg: Config, paths: RunPaths, overwrite: bool, start: float) -> dict[str, Any]:
+    from pipeline.distributed.runtime import init_ray
+
+    if overwrite:
         log.info("--overwrite: deleting the existing run in %s", paths.root.uri)
-        fsx.remove_tree(paths.root)
+        fsx.remove_contents(paths.root, keep=(LOCK_NAME,))
     manifest.claim(paths, cfg)  # a different config in the same --output stops here
     init_ray()
     input_uri = cfg.data.input or prepare_demo_input()

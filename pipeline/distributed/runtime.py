@@ -1,14 +1,19 @@
 """Starting or joining a Ray cluster, and per-process thread limits.
 
-``ray job submit`` sets ``RAY_ADDRESS`` for the driver, so jobs join that cluster; a plain
-``python jobs/...`` starts a private local cluster bound to 127.0.0.1 (dashboard included,
-also on 127.0.0.1).
+A job joins an existing cluster only when told to: ``--address`` or ``RAY_ADDRESS`` (which
+``ray job submit`` sets for the driver). Otherwise it starts a private local cluster bound to
+127.0.0.1 (dashboard included, also on 127.0.0.1) that dies with the driver, even after
+SIGKILL (:mod:`pipeline.distributed.reaper`), and never collides with another cluster on the
+machine.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import Any
+
+from pipeline.errors import ClusterError
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +59,50 @@ def init_ray(num_cpus: int | None = None, address: str | None = None,
     _plain_when_not_a_terminal()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        _join(address, logging_config)
+        return
+    _start_local(num_cpus, dashboard, logging_config, quiet)
+
+
+def _join(address: str, logging_config: Any) -> None:
+    """Join the cluster at ``address``; an unreachable one fails in seconds, in one line
+    (``ray.init`` itself retries a dead GCS address for minutes)."""
+    import ray
+
+    _probe(address)
+    try:
         # Workers on other nodes may not have this package at the driver's path, so only
         # the log level travels (Ray Data's own INFO lines still show there).
         ray.init(address=address, log_to_driver=True, logging_config=logging_config)
-        return
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ClusterError(f"cannot join the Ray cluster at {address}: "
+                           f"{str(exc).strip().splitlines()[0][:300]}") from exc
+
+
+def _probe(address: str, timeout_s: float = 5.0) -> None:
+    """A TCP connect to ``host:port`` (GCS) or ``ray://host:port`` (Ray Client)."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", "local": Ray resolves these itself, quickly
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ClusterError(f"cannot reach the Ray cluster at {address} (RAY_ADDRESS or "
+                           f"--address): {exc.strerror or exc}") from exc
+
+
+def _start_local(num_cpus: int | None, dashboard: bool, logging_config: Any,
+                 quiet: dict[str, str]) -> None:
+    """A private cluster on 127.0.0.1 that dies with this driver (:mod:`.reaper`).
+
+    ``address="local"`` makes Ray start a new cluster even when another one runs here (a
+    ``ray start`` head, another job): a job joins a cluster only when told to.
+    """
+    import ray
+
+    from pipeline.distributed import reaper
     # A private single-node cluster has no node drains to watch for, and Ray Train's
     # PreemptionWatcher actor logs a core_worker error line at every start (its constructor
     # arguments sit in the object store with max_restarts > 0). Clusters joined by address
@@ -73,7 +118,9 @@ def init_ray(num_cpus: int | None = None, address: str | None = None,
     # The dashboard (on 127.0.0.1 only) also serves the State API that Ray Train polls;
     # without it every run logs "Failed to query Ray Train Controller actor state".
     port = _pin_state_api() if dashboard else None
-    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+    reaper.start()
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
+             dashboard_host="127.0.0.1",
              dashboard_port=port, _node_ip_address="127.0.0.1", log_to_driver=True,
              configure_logging=False, logging_config=logging_config,
              runtime_env={"env_vars": quiet} if quiet else None)
