@@ -7,7 +7,7 @@ import sys
 
 NAMES = ("quality", "ingest", "gpu_smoke", "throughput", "kmeans", "centroid_server", "memory",
          "gpu_throughput", "deepcluster", "depict", "shuffle", "epoch_overhead", "report", "table",
-         "train_throughput")
+         "train_throughput", "chaos", "fuzz")
 
 
 def main() -> int:
