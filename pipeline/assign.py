@@ -304,4 +304,10 @@ def assign_shards(tasks: list[ShardTask], shards: Shards, out_root: Location, tr
         batches = assignment_batches(files, shards.location.fs, shards.has_label,
                                      trained.model_bytes, trained.arch, trained.centroids,
                                      settings)
-    return run_assignment(tasks, batches, out_root, thresholds, kill_after_shards)
+    try:
+        return run_assignment(tasks, batches, out_root, thresholds, kill_after_shards)
+    except Exception as exc:  # an S3 outage in a read task: one line naming the URI
+        error = fsx.s3_error(exc)
+        if error is None or isinstance(exc, fsx.StorageError):
+            raise
+        raise error from exc

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,12 +48,19 @@ class S3Config:
     endpoint_url: str | None = None  # None = AWS; set for MinIO/Ceph/moto (http://127.0.0.1:9000)
     region: str | None = None  # None = the AWS chain's region (AWS_REGION, ~/.aws/config)
     anonymous: bool = False  # public buckets need no credentials
-    # "driver": resolve the AWS chain once in the driver and ship the (possibly temporary) keys
-    # inside the pickled filesystem, so workers without their own chain can read;
-    # "worker": every process resolves its own chain (instance profiles on every node).
-    credentials: Literal["driver", "worker"] = "driver"
+    # "worker": every process resolves the standard AWS chain itself, as clusters with
+    # instance profiles (or IRSA, or env keys on every node) need, and no key ever leaves a
+    # node. "driver" (opt-in, for workers without a chain of their own): the driver resolves
+    # its chain once and ships the keys inside the pickled filesystem, so they sit in clear in
+    # Ray's task specs, the object store and its spill files, and temporary keys expire
+    # mid-run.
+    credentials: Literal["driver", "worker"] = "worker"
     connect_timeout_s: float = 5.0  # an unreachable bucket must fail within seconds
     request_timeout_s: float = 30.0  # generous for large shards, still bounded
+    # Attempts per S3 request, exponential backoff from 50 ms (AWS SDK default strategy): 10
+    # ride out ~25 s of throttling (503 SlowDown), resets or outage per request (measured);
+    # a dead endpoint still fails in under a second, by a 2-attempt probe (pipeline/data/fs.py).
+    max_attempts: int = 10
 
 
 @dataclass
@@ -244,6 +253,9 @@ class ScaleConfig:
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     checkpoint_every_steps: int = 200  # also at every epoch end
     collective_timeout_s: int = 600  # gloo/nccl timeout; the 1800 s default hides hangs
+    # One writer per output on S3 (pipeline/lock.py): a lease renewed every ttl/4. 60 s rides
+    # out a slow store; a re-run after a killed run waits at most this long for its lease.
+    lease_ttl_s: float = 60.0
 
 
 @dataclass
@@ -310,6 +322,15 @@ class IngestConfig:
 # Building dataclasses from plain dicts, with type checks that name the field.
 
 
+def _show(value: Any) -> str:
+    """A bounded one-line ``repr`` for error messages: a YAML alias bomb (a few hundred
+    bytes naming 10^9 values) must not take minutes and gigabytes to describe."""
+    short = reprlib.Repr()  # keyword arguments only from Python 3.12
+    short.maxlevel, short.maxstring, short.maxother = 2, 60, 60
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 6
+    return short.repr(value)
+
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
@@ -327,7 +348,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return _coerce(value, inner, where)
     if origin is Literal:
         if value not in typing.get_args(tp):
-            raise ConfigError(f"{where}: must be {_type_name(tp)}; got {value!r}")
+            raise ConfigError(f"{where}: must be {_type_name(tp)}; got {_show(value)}")
         return value
     if origin is list:
         (inner,) = typing.get_args(tp)
@@ -335,29 +356,32 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(items)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, float) and math.isnan(value):
+        raise ConfigError(f"{where}: must be a number; got nan")
     if tp is bool and not isinstance(value, bool):
-        raise ConfigError(f"{where}: must be true or false; got {value!r}")
+        raise ConfigError(f"{where}: must be true or false; got {_show(value)}")
     if tp is int and isinstance(value, bool):
         raise ConfigError(f"{where}: must be an integer; got {value!r}")
     if not isinstance(value, tp):
-        raise ConfigError(f"{where}: must be {_type_name(tp)}; got {value!r}")
+        raise ConfigError(f"{where}: must be {_type_name(tp)}; got {_show(value)}")
     return value
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a mapping; got {data!r}")
+        where = prefix.rstrip(".") or "config"
+        raise ConfigError(f"{where}: must be a mapping; got {_show(data)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for gone in [key for key in data if f"{prefix}{key}" in REMOVED]:
         logging.getLogger(__name__).warning("%s%s is no longer a setting (%s); ignored",
                                             prefix, gone, REMOVED[f"{prefix}{gone}"])
         data = {k: v for k, v in data.items() if k != gone}
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted(set(data) - set(names), key=str)  # YAML keys may be ints, None, ...
     if unknown:
         raise ConfigError(
-            f"{prefix}{unknown[0]}: unknown key; allowed keys here: {', '.join(names)}"
+            f"{prefix}{_key(unknown[0])}: unknown key; allowed keys here: {', '.join(names)}"
         )
     kwargs = {}
     for name, value in data.items():
@@ -367,6 +391,13 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         else:
             kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
     return cls(**kwargs)
+
+
+def _key(key: Any) -> str:
+    """A key as written when it is a short printable string, else its bounded repr."""
+    if isinstance(key, str) and key.isprintable() and 0 < len(key) <= 60:
+        return key
+    return _show(key)
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -379,16 +410,80 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# What yaml.safe_load raises on bad input: its own errors, ValueError from a constructor
+# (an impossible date such as 2021-02-30), RecursionError for nesting thousands deep.
+_YAML_ERRORS = (yaml.YAMLError, ValueError, RecursionError)
+
+
+def _yaml_problem(exc: BaseException) -> str:
+    """One line: what is wrong and where (PyYAML's own message spans several lines)."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    text = str(exc)
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        mark = exc.problem_mark
+        text = exc.problem + (f" at line {mark.line + 1}, column {mark.column + 1}" if mark else "")
+    return " ".join(text.split())[:200]
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """``"train.lr=0.01"`` -> ``{"train": {"lr": 0.01}}`` (the value is parsed as YAML)."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected dotted.key=value")
-    key, raw = text.split("=", 1)
+    key, sep, raw = text.partition("=")
+    if not sep or not all(part.strip() for part in key.split(".")):
+        raise ConfigError(f"--set {_show(text)}: expected dotted.key=value")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML ({exc})") from exc
+    except _YAML_ERRORS as exc:
+        raise ConfigError(f"--set {_show(text)}: value is not valid YAML ({_yaml_problem(exc)})"
+                          ) from exc
+    _refuse_cycles(value, key.strip())
     return _nested(key, value)
+
+
+def _refuse_cycles(value: Any, where: str) -> None:
+    """Refuse a YAML alias inside its own anchor (``a: &x {b: *x}``): no setting is infinite,
+    and merging two of them would recurse forever. A depth-first walk that visits each
+    shared node once, so an alias bomb costs its size, not its expansion."""
+    done: set[int] = set()
+    path: set[int] = set()  # the nodes being walked: the current node's ancestors
+    stack: list[tuple[Any, str, bool]] = [(value, where, False)]
+    while stack:
+        node, at, leaving = stack.pop()
+        if leaving:
+            path.discard(id(node))
+            done.add(id(node))
+        elif isinstance(node, (dict, list)) and id(node) not in done:
+            if id(node) in path:
+                raise ConfigError(f"{at}: refers to itself (a YAML alias inside its own anchor)")
+            path.add(id(node))
+            stack.append((node, at, True))
+            stack += _children(node, at)
+
+
+def _children(node: dict[Any, Any] | list[Any], at: str) -> list[tuple[Any, str, bool]]:
+    """The items of a mapping or list with their dotted names, for :func:`_refuse_cycles`."""
+    if isinstance(node, list):
+        return [(child, f"{at}[{i}]", False) for i, child in enumerate(node)]
+    return [(child, f"{at}.{_key(key)}" if at else _key(key), False)
+            for key, child in node.items()]
+
+
+def _load_yaml_file(path: str) -> dict[str, Any]:
+    """The settings in a ``--config`` file: a mapping (an empty file is no settings)."""
+    try:
+        with open(path, "rb") as fh:
+            loaded = yaml.safe_load(fh.read())
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read ({exc.strerror})") from exc
+    except _YAML_ERRORS as exc:
+        raise ConfigError(f"--config {path}: not valid YAML ({_yaml_problem(exc)})") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--config {path}: must be a mapping of settings; got "
+                          f"{type(loaded).__name__} {_show(loaded)}")
+    _refuse_cycles(loaded, "")
+    return loaded
 
 
 def resolve(
@@ -405,12 +500,7 @@ def resolve(
     for key, value in (base or {}).items():
         merged = _deep_merge(merged, _nested(key, value))
     if yaml_path:
-        try:
-            with open(yaml_path) as fh:
-                from_file = yaml.safe_load(fh) or {}
-        except OSError as exc:
-            raise ConfigError(f"--config {yaml_path}: cannot read ({exc.strerror})") from exc
-        merged = _deep_merge(merged, from_file if isinstance(from_file, dict) else {"": from_file})
+        merged = _deep_merge(merged, _load_yaml_file(yaml_path))
     if loaded:
         merged = _deep_merge(merged, loaded)
     for key, value in (flags or {}).items():
@@ -445,6 +535,7 @@ _POSITIVE_INT = [
     "report.sample_rows", "report.page_size", "report.max_montages", "report.thumb_px", "report.map_points", "report.map_legend",
     "train.epochs", "train.batch_size", "scale.workers",
     "scale.assign_actors", "scale.checkpoint_every_steps", "scale.centroid_shards", "scale.collective_timeout_s",
+    "s3.max_attempts",
     "rows_per_file", "row_group_size", "max_pixels", "deepcluster.pca_dim",
     "deepcluster.kmeans_iters", "deepcluster.local_max_points", "deepcluster.kmeans_shards",
     "deepcluster.passes", "depict.target_every", "depict.kmeans_iters", "depict.kmeans_redo",
@@ -457,8 +548,12 @@ _NON_NEGATIVE = [
 ]  # fmt: skip
 _POSITIVE = ["train.lr", "online.temperature", "scale.cpus_per_worker",
              "data.shuffle_buffer_mb",
-             "scale.assign_cpus_per_actor", "scale.read_cpus",
+             "scale.assign_cpus_per_actor", "scale.read_cpus", "scale.lease_ttl_s",
              "s3.connect_timeout_s", "s3.request_timeout_s"]  # fmt: skip
+
+
+# numpy's generators need a seed >= 0; 2**32 leaves room for the per-epoch offsets added to it.
+_SEEDS = ["train.seed", "seed"]
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -479,6 +574,10 @@ def validate(cfg: Any) -> None:
         value = _get(cfg, name)
         if value is not None and value < 0:
             raise ConfigError(f"{name}: must be >= 0; got {value!r}")
+    for name in _SEEDS:
+        value = _get(cfg, name)
+        if value is not None and not 0 <= value < 2**32:
+            raise ConfigError(f"{name}: must be in [0, 2**32); got {value!r}")
     if isinstance(cfg, Config):
         _validate_run(cfg)
 
@@ -491,10 +590,11 @@ def _validate_run(cfg: Config) -> None:
         values = getattr(cfg.data, name)
         if len(values) not in (1, cfg.data.channels):
             raise ConfigError(
-                f"data.{name}: needs 1 or data.channels={cfg.data.channels} values; got {values}"
+                f"data.{name}: needs 1 or data.channels={cfg.data.channels} values; got "
+                f"{_show(values)}"
             )
     if any(s <= 0 for s in cfg.data.std):
-        raise ConfigError(f"data.std: every value must be > 0; got {cfg.data.std}")
+        raise ConfigError(f"data.std: every value must be > 0; got {_show(cfg.data.std)}")
     if cfg.cluster.k < 2:
         raise ConfigError(f"cluster.k: must be >= 2; got {cfg.cluster.k}")
     if not 0.0 <= cfg.cluster.drift_smoothing <= 1.0:
@@ -521,7 +621,7 @@ def _validate_run(cfg: Config) -> None:
         raise ConfigError(f"depict.dropout: must be in [0, 1); got {cfg.depict.dropout}")
     if not cfg.depict.channels or min(cfg.depict.channels) < 1:
         raise ConfigError(f"depict.channels: needs at least one value, each >= 1; got "
-                          f"{cfg.depict.channels}")
+                          f"{_show(cfg.depict.channels)}")
     if cfg.train.warmup_epochs > cfg.train.epochs:
         raise ConfigError(
             f"train.warmup_epochs: must be <= train.epochs={cfg.train.epochs}; "

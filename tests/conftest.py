@@ -12,6 +12,14 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-tests-"))
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+# The moto test keys, in the environment (the standard AWS chain) before any Ray cluster
+# starts: with s3.credentials=worker (the default) every Ray worker resolves the chain itself,
+# and workers inherit the raylet's environment as it was at ray.init. Set, not defaulted, so
+# a developer's real keys never travel to the test endpoint.
+os.environ.update(AWS_ACCESS_KEY_ID="testing-key-id", AWS_SECRET_ACCESS_KEY="testing-secret",
+                  AWS_REGION="us-east-1", AWS_DEFAULT_REGION="us-east-1")
+os.environ.pop("AWS_SESSION_TOKEN", None)
+os.environ.pop("AWS_PROFILE", None)
 
 from pathlib import Path  # noqa: E402
 
@@ -21,8 +29,8 @@ from pipeline.config import S3Config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
-TEST_KEY = "testing-key-id"
-TEST_SECRET = "testing-secret"  # moto accepts any credentials
+TEST_KEY = os.environ["AWS_ACCESS_KEY_ID"]
+TEST_SECRET = os.environ["AWS_SECRET_ACCESS_KEY"]  # moto accepts any credentials
 
 
 @pytest.fixture(scope="session")
@@ -44,18 +52,10 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                          "AWS_REGION", "AWS_DEFAULT_REGION")}
-    # Credentials come from the environment, i.e. the standard AWS chain, as in production.
-    os.environ.update(AWS_ACCESS_KEY_ID=TEST_KEY, AWS_SECRET_ACCESS_KEY=TEST_SECRET,
-                      AWS_REGION="us-east-1", AWS_DEFAULT_REGION="us-east-1")
+    # Credentials come from the environment (set at the top of this file), i.e. the standard
+    # AWS chain, as in production.
     yield f"http://{host}:{port}"
     server.stop()
-    for key, value in old.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 @pytest.fixture

@@ -57,8 +57,8 @@ class Shards:
 
 def find_shards(uri: str, s3: S3Config | None = None) -> Shards:
     """List ``*.parquet`` under ``uri`` and check the schema; fail fast with the URI named."""
-    loc = fsx.locate(uri, s3)
     try:
+        loc = fsx.locate(uri, s3)
         kind = fsx.info(loc).type
     except fsx.StorageError as exc:
         raise InputError(str(exc)) from exc
@@ -71,6 +71,24 @@ def find_shards(uri: str, s3: S3Config | None = None) -> Shards:
     schema = pq.read_schema(files[0], filesystem=loc.fs)
     check_schema(schema, f"{uri} ({files[0]})")
     return Shards(loc, files, "label" in schema.names, sum(max(0, f.size or 0) for f in infos))
+
+
+def single_retry_budget() -> None:
+    """Leave S3 retries to the filesystem (``s3.max_attempts``, :mod:`pipeline.data.fs`),
+    except the one error the AWS SDK wrongly gives up on (``fsx.MISCLASSIFIED``).
+
+    By default Ray Data retries throttling and connection errors again around its reads (10
+    attempts, backoff up to 32 s, each wrapping our whole budget), so an outage would take
+    minutes to fail instead of the configured budget. Called before every ``read_parquet``:
+    a dataset copies the driver's DataContext when it is created.
+    """
+    import warnings
+
+    import ray.data
+
+    with warnings.catch_warnings():  # "substring matching will be deprecated": a plain one
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ray.data.DataContext.get_current().retried_io_errors = [fsx.MISCLASSIFIED]
 
 
 def check_schema(schema: pa.Schema, where: str) -> None:
@@ -174,6 +192,7 @@ def read_images(uri: str, spec: DecodeSpec, *, s3: S3Config | None = None,
     columns = ["id", "image"] + (["label"] if shards.has_label else [])
     files = None if shuffle is None else ray.data.FileShuffleConfig(
         seed=shuffle.seed, reseed_after_execution=True)
+    single_retry_budget()
     ds = ray.data.read_parquet(shards.files, filesystem=shards.location.fs, shuffle=files)
     ds = ds.select_columns(columns)
     if shuffle is not None and shuffle.mode == "global":
@@ -202,6 +221,7 @@ def sample_rows(shards: Shards, k: int, seed: int) -> list[dict[str, Any]]:
     import ray.data
 
     columns = ["id", "image"] + (["label"] if shards.has_label else [])
+    single_retry_budget()
     ds = ray.data.read_parquet(shards.files, filesystem=shards.location.fs)
     ds = ds.select_columns(columns).map_batches(
         _BlockBottomK(k, seed), batch_format="numpy", batch_size=None)

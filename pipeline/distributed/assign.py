@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.config import Config
+from pipeline.data import fs as fsx
 from pipeline.data.decode import DecodeSpec
 from pipeline.data.reader import DecodeImages
 from pipeline.distributed.runtime import setup_worker
@@ -125,11 +127,14 @@ class ReadShards:
     def __call__(self, batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
         import pyarrow.parquet as pq
 
+        attempts = fsx.read_attempts(self.fs)
         for path in batch["path"]:
             with self.fs.open_input_file(str(path)) as fh:
-                shard = pq.ParquetFile(fh)
+                # pre_buffer: one coalesced read per row group, not one per column chunk
+                shard = fsx.retry_read(partial(pq.ParquetFile, fh, pre_buffer=True), attempts)
                 for i in range(shard.num_row_groups):
-                    table = shard.read_row_group(i, columns=self.columns)
+                    table = fsx.retry_read(
+                        partial(shard.read_row_group, i, columns=self.columns), attempts)
                     out = {c: table.column(c).to_numpy(zero_copy_only=False)
                            for c in self.columns}
                     out["path"] = np.full(table.num_rows, str(path), dtype=object)

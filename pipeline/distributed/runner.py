@@ -159,6 +159,8 @@ class LongLivedTrainer:
         need = self.cfg.scale.workers if isinstance(stage, Embed) else 1
         got = ray.get(self.desk.result.remote(self.posted, need))
         if "error" in got:
+            if isinstance(self.error, fsx.StorageError):
+                raise self.error
             raise RuntimeError(f"stage {stage.name}: {got['error']}") from self.error
         parts: list[Any] = got["parts"]
         return parts
@@ -181,7 +183,13 @@ class LongLivedTrainer:
             trainer.fit()
             message = "the worker group stopped before the stage finished"
         except BaseException as exc:  # noqa: BLE001 (handed to the driver's thread)
-            self.error, message = exc, f"training failed: {exc}"
+            # An S3 outage beyond the retry budget, in a worker or in Ray Train's controller:
+            # one line naming the URI (fsx.s3_error), not Ray's wrapped traceback.
+            s3 = fsx.s3_error(exc) if isinstance(exc, Exception) else None
+            if s3 is not None:
+                s3.__cause__ = exc
+            self.error = s3 or exc
+            message = f"training failed: {self.error}"
         self.desk.fail.remote(message)
 
     def close(self, wait: bool = True) -> None:

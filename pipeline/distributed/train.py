@@ -88,8 +88,17 @@ def make_trainer(cfg: Config, loop: Any, config: dict[str, Any], datasets: dict[
 
 def trainer_result(cfg: Config, loop: Any, config: dict[str, Any], train_ds: Any,
                    storage: Any, name: str) -> checkpoint.TrainState:
-    """Run (or resume) :func:`make_trainer` over ``train_ds`` -> its final checkpoint."""
-    result = make_trainer(cfg, loop, config, {"train": train_ds}, storage, name).fit()
+    """Run (or resume) :func:`make_trainer` over ``train_ds`` -> its final checkpoint.
+
+    An S3 failure that outlasted the retry budget (``s3.max_attempts``) in a worker or in
+    Ray Train's controller is raised as one :class:`StorageError` line naming the URI."""
+    try:
+        result = make_trainer(cfg, loop, config, {"train": train_ds}, storage, name).fit()
+    except Exception as exc:
+        error = fsx.s3_error(exc)
+        if error is None:
+            raise
+        raise error from exc
     if result.checkpoint is None:
         raise RuntimeError(f"training under {storage.uri}/{name} finished without a checkpoint")
     return checkpoint.of(result.checkpoint)
