@@ -101,8 +101,12 @@ class OutputLock:
             self._stop.set()
             self._beat.join(timeout=10)
             self._beat = None
-            if self._read_lease().get("token") == self.token:
-                self.root.fs.delete_file(self.where.path)
+            try:
+                if self._read_lease().get("token") == self.token:
+                    self.root.fs.delete_file(self.where.path)
+            except OSError as exc:  # the store is down: the lease expires by itself
+                log.warning("%s: could not remove the output lease (%s); it expires in %.0f s",
+                            self.root.uri, exc, self.ttl_s)
 
     # -- local: flock ------------------------------------------------------------------------
 
