@@ -147,11 +147,11 @@ class OutputLock:
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl_s / 4):
             try:
-                if self._read_lease().get("token") != self.token:
+                if _parse(fsx.read_bytes(self.where)).get("token") != self.token:
                     log.error("%s: lost the output lease to another writer", self.root.uri)
                     return
                 self._write_lease()
-            except (OSError, StorageError) as exc:  # a blip: the next beat retries
+            except (OSError, StorageError) as exc:  # the store is down: the next beat retries
                 log.warning("%s: lease heartbeat failed: %s", self.root.uri, exc)
 
     def _write_lease(self) -> None:

@@ -31,6 +31,7 @@ import struct
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from socketserver import TCPServer, ThreadingMixIn
@@ -75,7 +76,7 @@ class _State:
     trips: list[_Trip] = field(default_factory=list)
     is_down: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
-    on_trip: object = None  # callable run (outside the lock) when a trip fires
+    on_trip: Callable[[], None] | None = None  # run (outside the lock) when a trip fires
 
 
 def _uniform(seed: int, *parts: object) -> float:
@@ -143,7 +144,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return fault
             st.trips.remove(fire)
             st.counts["tripped"] += 1
-        if callable(st.on_trip):
+        if st.on_trip is not None:
             st.on_trip()
         return "down"
 
@@ -251,7 +252,6 @@ class FaultProxy:
         self.port = port
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
-        self._connections: list[socket.socket] = []
 
     @property
     def url(self) -> str:

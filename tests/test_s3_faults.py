@@ -51,7 +51,7 @@ pytestmark = pytest.mark.slow
 RATES = FaultRates(slowdown=0.08, reset=0.08, latency=0.05, latency_s=0.1, max_consecutive=3)
 SEED = 18
 LEASE_TTL_S = 2.0  # the writer lease a failed run leaves behind expires this fast
-TRAIN = ["cluster.k=5", "train.epochs=1", "train.warmup_epochs=0", "train.batch_size=128",
+TRAIN = ["cluster.k=5", "train.epochs=1", "train.warmup_epochs=0", "train.batch_size=64",
          "data.image_size=16", "model.feature_dim=16", "model.width=8",
          "scale.cpus_per_worker=0.5", "scale.checkpoint_every_steps=4",
          "cluster.persist_every=2", "report.map_points=100", "train.precise_bn_images=0",
