@@ -55,6 +55,7 @@ def run_main(main: Callable[[], int], verbose: bool, log_path: str) -> int:
     Known user errors (bad config, unreachable or malformed input) exit with 2, anything
     else with 1; ``--verbose`` re-raises so the full trace shows.
     """
+    from pipeline.data.fs import s3_error
     from pipeline.errors import ClusterError, InputError, SourceError, StorageError
 
     errors = USER_ERRORS + (StorageError, InputError, SourceError, ClusterError)
@@ -65,12 +66,14 @@ def run_main(main: Callable[[], int], verbose: bool, log_path: str) -> int:
         return 130
     except Exception as exc:
         logging.getLogger(__name__).debug("failure", exc_info=True)  # log file only
-        known = isinstance(exc, errors)
-        print(f"error: {exc}" if known else f"error: {one_line(exc)}", file=sys.stderr)
+        # A user error as raised, or an S3 failure from deep inside Ray (a Data task, Train's
+        # controller) as one line naming its s3:// URI; anything else as its root cause.
+        known = exc if isinstance(exc, errors) else s3_error(exc)
+        print(f"error: {known if known is not None else one_line(exc)}", file=sys.stderr)
         if verbose:
             raise
         print(f"(details in {log_path})", file=sys.stderr)
-        return 2 if known else 1
+        return 2 if known is not None else 1
 
 
 def root_cause(exc: BaseException) -> BaseException:
