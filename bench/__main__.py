@@ -7,7 +7,7 @@ import sys
 
 NAMES = ("quality", "ingest", "gpu_smoke", "throughput", "kmeans", "centroid_server", "memory",
          "gpu_throughput", "deepcluster", "depict", "shuffle", "epoch_overhead", "report", "table",
-         "train_throughput", "chaos", "fuzz")
+         "train_throughput", "chaos", "fuzz", "s3_faults")
 
 
 def main() -> int:

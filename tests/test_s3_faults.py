@@ -56,6 +56,7 @@ TRAIN = ["cluster.k=5", "train.epochs=1", "train.warmup_epochs=0", "train.batch_
          "scale.cpus_per_worker=0.5", "scale.checkpoint_every_steps=4",
          "cluster.persist_every=2", "report.map_points=100", "train.precise_bn_images=0",
          f"scale.lease_ttl_s={LEASE_TTL_S}"]
+RESULT_ENV = "S3_FAULTS_RESULT"  # where the chain's figures go, for bench/s3_faults.py
 SHORT_BUDGET = ["s3.max_attempts=4"]  # 0.35 s of backoff: the outage outlasts it
 
 
@@ -80,6 +81,7 @@ class Chain:
     driver_secret: str
     jobs: dict[str, Job] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
+    findings: dict[str, object] = field(default_factory=dict)  # what the tests measured
     spill: SpillWatch | None = None
     driver_spill: SpillWatch | None = None
 
@@ -190,6 +192,9 @@ def chain(s3_server, tmp_path_factory) -> Iterator[Chain]:
     print("\nS3 fault chain:", json.dumps(summary))
     (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
     yield result
+    if os.environ.get(RESULT_ENV):  # python -m bench s3_faults collects what was measured
+        Path(os.environ[RESULT_ENV]).write_text(json.dumps(
+            {**summary, "findings": result.findings}, indent=1, default=str))
     for path in ray_tmps:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -213,7 +218,11 @@ def test_every_input_row_exactly_once(chain: Chain) -> None:
         out = [i for ids in ids_under(chain.bucket, f"{prefix}/assignments").values()
                for i in ids]
         out += [i for ids in ids_under(chain.bucket, f"{prefix}/rejects").values() for i in ids]
-        assert Counter(out) == Counter(rows), prefix
+        seen = Counter(out)
+        chain.findings[prefix] = {"rows_in": len(rows),
+                                  "lost": sum(1 for i in set(rows) if i not in seen),
+                                  "duplicated": sum(n - 1 for n in seen.values() if n > 1)}
+        assert seen == Counter(rows), prefix
     manifest = json.loads(fsx.read_bytes(fsx.locate(
         f"s3://{chain.bucket}/shards/_SUCCESS", S3Config(endpoint_url=_direct["url"]))))
     assert manifest["rows"] == 1797 and manifest["rejects"] == 0
@@ -229,6 +238,7 @@ def test_outage_longer_than_the_budget_fails_in_one_line_naming_the_uri(chain: C
         job = chain.job(name)
         assert job.returncode != 0, name
         errors = error_lines(job)
+        chain.findings[f"{name}_error"] = errors
         assert len(errors) == 1, (name, job.stderr[-3000:])
         assert re.search(rf"s3://{bucket}/\S+", errors[0]), errors[0]
         assert "Could not connect" in errors[0] or "cannot reach" in errors[0], errors[0]
@@ -241,6 +251,8 @@ def test_rerun_after_the_outage_resumes(chain: Chain) -> None:
     resumed = [row["resumed_from_step"] for row in history if "resumed_from_step" in row]
     assert resumed and resumed[0] >= 4 and resumed[0] % 4 == 0, history  # a checkpoint's step
     done = chain.counts["assignment_files_before_rerun"]
+    chain.findings["resumed"] = {"train_from_step": resumed[0] if resumed else None,
+                                 "assign_shards_done_before_rerun": done}
     assert 1 <= done < 5, done
     summary = chain.job("assign").stdout
     assert re.search(rf"{5 - done} assigned now, {done} already done, 5 in total", summary), summary
@@ -261,6 +273,10 @@ def test_secret_is_nowhere_on_disk_or_in_the_bucket(chain: Chain) -> None:
     print(f"\nsecret search (worker mode): {n_files} files on disk ({len(logs)} pipeline logs, "
           f"{len(sessions)} Ray sessions), {len(chain.spill.seen)} spill files, {searched} "
           f"bucket objects: {len(on_disk) + len(chain.spill.hits) + len(in_bucket)} found")
+    chain.findings["worker_mode"] = {
+        "files_searched": n_files, "spill_files_watched": len(chain.spill.seen),
+        "bucket_objects_searched": searched,
+        "secrets_found": len(on_disk) + len(chain.spill.hits) + len(in_bucket)}
     assert len(logs) == 5 and len(sessions) == 4 and searched > 50
     assert not on_disk and not chain.spill.hits and not in_bucket
 
@@ -280,8 +296,10 @@ def test_driver_mode_keys_stay_inside_rays_session_directory(chain: Chain) -> No
     places = sorted(set(files_containing(chain.driver_ray_tmp, secret)) | chain.driver_spill.hits)
     print(f"\ns3.credentials=driver: the secret is in {len(places)} file(s) of the job's Ray "
           f"session directory ({len(chain.driver_spill.seen)} spill files watched):")
-    for place in places:
-        print("   ", place.replace(str(chain.driver_ray_tmp), "$RAY_TMPDIR"))
+    shown = [place.replace(str(chain.driver_ray_tmp), "$RAY_TMPDIR") for place in places]
+    for place in shown:
+        print("   ", place)
+    chain.findings["driver_mode"] = {"secret_found_in": shown}
     assert all("spilled" in place for place in places), places
 
 
