@@ -6,7 +6,8 @@ never blocks a re-run for long:
 
 * **Local paths:** an exclusive ``flock`` on ``.lock``. The kernel drops it when the holder's
   process dies, however it dies, so a re-run after a kill takes it at once. The file keeps the
-  holder's host, pid and start time for the message. (``flock`` also works over NFSv4.)
+  holder's host, pid and start time for the message, and a clean exit removes it.
+  (``flock`` also works over NFSv4.)
 * **S3 (no locks, no atomic create through pyarrow):** a *lease* object, ``.lock``, renewed
   by a heartbeat thread every ``ttl/4``. Its age is read from the object's ``LastModified``
   (the store's clock, so hosts' clock skew does not matter beyond the store's own). A lease
@@ -95,7 +96,8 @@ class OutputLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock; the file stays for the next run
+            os.unlink(self.where.path)  # still locked: nobody can be holding the next one
+            os.close(self._fd)  # drops the flock
             self._fd = None
         if self._beat is not None:
             self._stop.set()
@@ -111,14 +113,20 @@ class OutputLock:
     # -- local: flock ------------------------------------------------------------------------
 
     def _acquire_flock(self) -> None:
+        """Lock ``.lock``; the holder removes it on release (while still locked), so a
+        writer that locked a file just unlinked sees another inode at the path and retries."""
         os.makedirs(self.root.path, exist_ok=True)
-        fd = os.open(self.where.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _parse(os.pread(fd, 4096, 0))
-            os.close(fd)
-            raise self._busy(holder) from None
+        while True:
+            fd = os.open(self.where.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _parse(os.pread(fd, 4096, 0))
+                os.close(fd)
+                raise self._busy(holder) from None
+            if _same_file(fd, self.where.path):
+                break
+            os.close(fd)  # released and removed by its holder meanwhile: lock the new one
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(_owner(self.token)).encode(), 0)
         self._fd = fd
@@ -174,6 +182,13 @@ class OutputLock:
         return OutputBusyError(
             f"{self.root.uri} is being written by another run ({_describe(holder)}); wait for "
             "it to finish, or choose another --output")
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _parse(blob: bytes) -> dict[str, Any]:

@@ -66,6 +66,7 @@ def test_a_killed_holder_never_blocks_a_rerun(tmp_path):
     with OutputLock(loc):  # the kernel dropped the flock with the process: taken at once
         owner = json.loads((out / LOCK_NAME).read_text())
         assert owner["pid"] == os.getpid()
+    assert not (out / LOCK_NAME).exists()  # a clean exit leaves nothing behind
 
 
 def test_overwrite_clears_the_output_around_its_lock(tmp_path):
