@@ -104,8 +104,9 @@ class Monkey:
         """A kind among those alive now, the least-killed favoured; the driver only once the
         run is working (one of its workers is alive), so a kill never lands in start-up
         alone."""
-        working = [k for k in self.kinds if k != "driver" and alive.get(k)]
-        kinds = working + (["driver"] if working and "driver" in self.kinds else [])
+        working = [k for k in KINDS if k != "driver" and alive.get(k)]
+        kinds = [k for k in working if k in self.kinds]
+        kinds += ["driver"] if working and "driver" in self.kinds else []
         if not kinds:
             return None
         weights = [(DRIVER_WEIGHT if k == "driver" else 1.0) / (1 + self.kills[k])
@@ -216,7 +217,7 @@ def main_cmd(shards: str, out: Path, seed: int, settings: list[str], kills: int)
 
 
 def chaos(shards: str, settings: list[str], kills: int, seed: int, work: Path,
-          reference: bool = True) -> dict[str, Any]:
+          reference: bool = True, kinds: tuple[str, ...] = KINDS) -> dict[str, Any]:
     """The unkilled reference run (optional), the killed main job, the killed assign job."""
     import json
     import shutil
@@ -230,7 +231,7 @@ def chaos(shards: str, settings: list[str], kills: int, seed: int, work: Path,
             main_cmd(shards, work / "clean", seed, settings, kills), None, log)
         result["reference"]["nmi"] = json.loads((work / "clean" / "metrics.json").read_text())["nmi"]
     main_kills = max(1, kills - max(1, kills // 5))
-    monkey = Monkey(seed, main_kills, _interval(len(ids)))
+    monkey = Monkey(seed, main_kills, _interval(len(ids)), kinds=kinds)
     result["main"] = run_with_kills(main_cmd(shards, work / "run", seed, settings, kills),
                                     monkey, log)
     metrics = json.loads((work / "run" / "metrics.json").read_text())
@@ -238,7 +239,8 @@ def chaos(shards: str, settings: list[str], kills: int, seed: int, work: Path,
                           missing_metrics=[k for k in METRIC_KEYS if k not in metrics],
                           nmi=metrics.get("nmi"), **accounting(ids, work / "run"))
     assign = Monkey(seed + 1, kills - main_kills, (4.0, 10.0),
-                    kinds=("assign_actor", "data_task", "driver"))
+                    kinds=tuple(k for k in ("assign_actor", "data_task", "driver")
+                                if k in kinds) or ("driver",))
     cmd = [sys.executable, "jobs/assign.py", "--run", str(work / "run"), "--input", shards,
            "--output", str(work / "assigned")]
     result["assign"] = run_with_kills(cmd, assign, log)

@@ -89,18 +89,41 @@ def test_outputs_metrics_and_resume(digits_shards, first_run):
     assert again["nmi"] == metrics["nmi"]
 
 
-def test_one_worker_runs_with_train_deterministic_reproduce(digits_shards, first_run,
-                                                            tmp_path):
+def test_one_worker_runs_with_train_deterministic_reproduce_even_when_killed(
+        digits_shards, first_run, tmp_path):
     """Two fresh runs with 1 worker and ``train.deterministic``: the same epoch order (Ray
     Data keeps block order, so the seeded shuffle draws the same permutation), the same
     centroids at every step (no staleness), hence the same model and figures. Without it,
-    two runs measured NMI 0.563 and 0.492 (warm-up epochs 0.149 and 0.159)."""
+    two runs measured NMI 0.563 and 0.492 (warm-up epochs 0.149 and 0.159).
+
+    Exact resume: the second run is killed twice and still ends with the first run's
+    centroids and assignments.
+
+    * Rank 0 exits after step 34, mid-epoch 2. The restarted group resumes from the step-32
+      checkpoint (or epoch 1's end, 28): the stream starts at the run's pass count, so epoch 2 is drawn in the
+      same order and its first 4 batches are skipped (runner.start_stream), and each step's
+      random draws depend on its global step alone (methods.base.seed_step). Before both,
+      a kill moved MNIST's NMI by 0.03 after 4 epochs.
+    * The centroid server exits at version 47; its restart file is version 40
+      (``cluster.persist_every=10``). The worker pushes rounds 40-46 again (upstream backup
+      in RemoteStore), which before were lost (MNIST: NMI moved by 0.04)."""
     out, metrics = first_run
-    again = run_job(digits_shards, str(tmp_path / "again"), DETERMINISTIC)
-    assert [e["nmi"] for e in again["epochs"]] == [e["nmi"] for e in metrics["epochs"]]
+    again = run_job(digits_shards, str(tmp_path / "again"), DETERMINISTIC + [
+        "debug.kill_worker_at_step=34", "debug.kill_server_at_round=47",
+        "cluster.persist_every=10"])
+    checkpoints = tmp_path / "again" / "checkpoints"
+    assert (checkpoints / "_fault-worker").exists()
+    assert (checkpoints / "centroid_server_state.npz.fault").exists()
+    # from step 32's checkpoint, or 28's when Ray Train had not yet registered 32's
+    assert again["epochs"][1]["resumed_from_step"] in (28, 32)
+    assert again["epochs"][0]["nmi"] == metrics["epochs"][0]["nmi"]
     assert abs(again["nmi"] - metrics["nmi"]) <= 0.01 and again["ari"] == metrics["ari"]
     np.testing.assert_allclose(np.load(os.path.join(tmp_path, "again", "centroids.npy")),
                                np.load(os.path.join(out, "centroids.npy")), rtol=0, atol=1e-6)
+    clusters = [pq.read_table(os.path.join(d, "assignments"), columns=["id", "cluster"]
+                              ).sort_by("id")["cluster"].to_pylist()
+                for d in (out, str(tmp_path / "again"))]
+    assert clusters[0] == clusters[1]
 
 
 def test_killed_worker_and_killed_server_shard_resume_with_every_round_applied(
@@ -111,8 +134,8 @@ def test_killed_worker_and_killed_server_shard_resume_with_every_round_applied(
     tests/distributed/test_centroid_server.py):
 
     * shard 0 exits right after persisting version 20 (``cluster.persist_every=2``), before
-      it answers the push that made it; Ray restarts it from that file and retries that
-      push, which it drops as a duplicate. Shard 1 is untouched;
+      it answers the push that made it; Ray restarts it from that file, and the workers
+      push again any round it lacks (none: the file holds round 19). Shard 1 is untouched;
     * rank 0 exits after step 30, the 2nd step of epoch 2. The last checkpoint before it is
       epoch 1's end, step 28 (checkpoints every 4 steps and at each epoch end): the restarted
       group (a new generation) resumes there, keeps epoch 1's row, replays all of epoch 2

@@ -7,7 +7,10 @@ the blocking wait and durability:
 
 * created by the driver with ``num_cpus=0`` and ``max_restarts=-1`` (RAY_NOTES: Actors);
 * every ``persist_every`` rounds, and on every ``restart``, its state is written atomically
-  to ``state_uri``; a restarted actor reloads it there, so a crash loses at most a few rounds;
+  to ``state_uri``; a restarted actor reloads it there, and the workers push again the
+  rounds it lost (:class:`RemoteStore` keeps every push the server has not yet persisted:
+  upstream backup), so a crash of the server loses nothing, and with one worker or
+  ``train.deterministic`` the run goes on exactly as if it had not crashed;
 * its state also goes into every Ray Train checkpoint and is re-seeded on resume.
 """
 
@@ -55,19 +58,29 @@ class CentroidServer:
         if self.state_loc is not None and fsx.exists(self.state_loc):
             self.store.load_state(unpack_state(fsx.read_bytes(self.state_loc)))
             self.restored = True
+        self.durable = self.store.next_round if self.state_loc is not None else -1
 
+    @ray.method(max_task_retries=0)  # a push lost in a crash is pushed again by its worker
     def push(self, sums: np.ndarray, counts: np.ndarray, drift: np.ndarray | None = None,
              drift_counts: np.ndarray | None = None, worker: int = 0, step: int = 0,
              samples: np.ndarray | None = None, rows: np.ndarray | None = None,
-             generation: int = 0) -> int:
-        """:meth:`CentroidStore.push` (dense or sparse ``rows``), then persist when due."""
+             generation: int = 0, incarnation: str | None = None) -> int:
+        """:meth:`CentroidStore.push` (dense or sparse ``rows``), then persist when due.
+
+        A push addressed to another ``incarnation`` (sent before its worker learnt of a
+        crash) is dropped (``misaddressed``): applied now it would skip the rounds the crash
+        lost, which its worker pushes again, in order, followed by this one."""
         with self.changed:
+            if incarnation is not None and incarnation != self.store.incarnation:
+                dropped = self.store.dropped
+                dropped["misaddressed"] = dropped.get("misaddressed", 0) + 1
+                return self.store.version
             before = self.store.version
             version = self.store.push(sums, counts, drift, drift_counts, worker, step, samples,
                                       rows, generation)
             if version != before:
                 self.changed.notify_all()
-                if version % self.persist_every == 0:
+                if version // self.persist_every != before // self.persist_every:
                     self.persist()
         if version != before and version == self.crash_at_round and self.state_loc is not None:
             loc = self.state_loc
@@ -80,7 +93,7 @@ class CentroidServer:
 
     def delta(self, since_version: int = -1, incarnation: str | None = None) -> Delta:
         with self.changed:
-            return self.store.delta(since_version, incarnation)
+            return self.store.delta(since_version, incarnation)._replace(durable=self.durable)
 
     @ray.method(concurrency_group="wait")
     def wait(self, since_version: int, incarnation: str | None, until_round: int,
@@ -90,7 +103,7 @@ class CentroidServer:
         with self.changed:
             self.changed.wait_for(lambda: self.store.next_round >= until_round
                                   or incarnation != self.store.incarnation, timeout_s)
-            return self.store.delta(since_version, incarnation)
+            return self.store.delta(since_version, incarnation)._replace(durable=self.durable)
 
     def state(self) -> dict[str, Any]:
         with self.changed:
@@ -105,15 +118,18 @@ class CentroidServer:
             return version
 
     def persist(self) -> None:
+        """The state to ``state_uri``; every round below ``next_round`` is then durable (and
+        the pending ones, with the de-duplication record)."""
         if self.state_loc is not None:
             fsx.write_bytes_atomic(self.state_loc, pack_state(self.store.state()))
+            self.durable = self.store.next_round
 
     def info(self) -> dict[str, Any]:
         with self.changed:
             return {"version": self.store.version, "k": self.store.k, "dim": self.store.dim,
                     "restored": self.restored, "incarnation": self.store.incarnation,
                     "generation": self.store.generation, "next_round": self.store.next_round,
-                    "dropped": dict(self.store.dropped)}
+                    "durable": self.durable, "dropped": dict(self.store.dropped)}
 
     @ray.method(max_task_retries=0)
     def crash(self) -> None:
@@ -162,12 +178,23 @@ class RemoteStore:
     round trip. A prefetched answer is used when it starts from the caller's version and
     incarnation and already reaches ``until_round``; otherwise the call blocks on the
     server's :meth:`CentroidServer.wait` (no polling), for up to ``timeout_s``.
+
+    Upstream backup: every push is kept until the server reports its round durable
+    (persisted, ``Delta.durable``). When the server comes back as a new incarnation (it
+    crashed and reloaded its last persisted state), the client pushes again, in round order,
+    every kept round the reloaded state lacks, before answering; the store drops the ones it
+    has (de-duplication). Pushes are addressed to the incarnation the client knows, and are
+    not retried by Ray: a push that reaches the new incarnation before its worker noticed
+    the crash, or a retried one, would apply before the rounds the crash lost and skip them
+    (measured: MNIST NMI 0.563 against 0.600); it is dropped, and replayed in order.
     """
 
     def __init__(self, handle: Any, max_inflight: int = 8, generation: int = 0):
         self.handle, self.max_inflight, self.generation = handle, max_inflight, generation
         self.inflight: collections.deque[Any] = collections.deque()
         self.prefetch: tuple[int, str | None, Any] | None = None  # (since, incarnation, ref)
+        self.kept: dict[int, tuple[Any, ...]] = {}  # round -> push arguments, until durable
+        self.known: str | None = None  # the server incarnation the kept rounds went to
 
     @classmethod
     def connect(cls, name: str, namespace: str | None, generation: int = 0) -> RemoteStore:
@@ -179,12 +206,38 @@ class RemoteStore:
         if drift_counts is not None and not np.any(drift_counts):
             drift, drift_counts = None, None
         rows = touched_rows(counts, drift_counts)
-        self.inflight.append(self.handle.push.remote(
-            np.ascontiguousarray(sums[rows]), counts,
-            None if drift is None else np.ascontiguousarray(drift[rows]), drift_counts,
-            worker, step, samples, rows, self.generation))
+        args = (np.ascontiguousarray(sums[rows]), counts,
+                None if drift is None else np.ascontiguousarray(drift[rows]), drift_counts,
+                worker, step, samples, rows, self.generation)
+        self.kept[int(step)] = args
+        self._send(args)
+
+    def _send(self, args: tuple[Any, ...]) -> None:
+        """One push, addressed to the incarnation this client knows (see CentroidServer.push)."""
+        self.inflight.append(self.handle.push.remote(*args, self.known))
         while len(self.inflight) > self.max_inflight:
-            ray.get(self.inflight.popleft())
+            self._settle(self.inflight.popleft())
+
+    @staticmethod
+    def _settle(ref: Any) -> None:
+        """Wait for one push; one that died with the server is replayed (:meth:`_observe`)."""
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayActorError:
+            pass
+
+    def _observe(self, incarnation: str, next_round: int, durable: int) -> bool:
+        """Forget durable rounds; after a crash (a new incarnation, not one of our group's
+        :meth:`restart`), push again the kept rounds from ``next_round`` on. -> replayed?"""
+        replay = self.known is not None and incarnation != self.known
+        self.known = incarnation
+        if replay:
+            for step in sorted(s for s in self.kept if s >= next_round):
+                self._send(self.kept[step])
+            log.info("centroid server restarted at round %d: pushed %d rounds again",
+                     next_round, sum(1 for s in self.kept if s >= next_round))
+        self.kept = {s: a for s, a in self.kept.items() if s >= durable} if durable >= 0 else {}
+        return replay
 
     def pull(self, since_version: int = -1) -> tuple[int, np.ndarray] | None:
         return ray.get(self.handle.pull.remote(since_version))
@@ -198,18 +251,30 @@ class RemoteStore:
             if got.next_round < until_round and got.incarnation == incarnation:
                 got = None  # not far enough: wait for it, from the same version
         if got is None:
-            got = ray.get(self.handle.wait.remote(since_version, incarnation, until_round,
-                                                  timeout_s))
-            if got.next_round < until_round and got.incarnation == incarnation:
-                log.warning("centroid server at round %d after %.0f s (wanted %d); going on",
-                            got.next_round, timeout_s, until_round)
+            got = self._wait(since_version, incarnation, until_round, timeout_s)
+        if self._observe(got.incarnation, got.next_round, got.durable):
+            got = self._wait(-1, got.incarnation, until_round, timeout_s)  # full copy
         self.prefetch = (got.version, got.incarnation,
                          self.handle.delta.remote(got.version, got.incarnation))
         return got
 
+    def _wait(self, since_version: int, incarnation: str | None, until_round: int,
+              timeout_s: float) -> Delta:
+        got: Delta = ray.get(self.handle.wait.remote(since_version, incarnation, until_round,
+                                                     timeout_s))
+        if got.next_round < until_round and got.incarnation == incarnation:
+            log.warning("centroid server at round %d after %.0f s (wanted %d); going on",
+                        got.next_round, timeout_s, until_round)
+        return got
+
     def drain(self) -> None:
-        while self.inflight:
-            ray.get(self.inflight.popleft())
+        """Every push landed in the server's current incarnation (replayed after a crash)."""
+        while True:
+            while self.inflight:
+                self._settle(self.inflight.popleft())
+            info = ray.get(self.handle.info.remote())
+            if not self._observe(info["incarnation"], info["next_round"], info["durable"]):
+                return
 
     def state(self) -> dict[str, Any]:
         self.drain()
@@ -217,4 +282,5 @@ class RemoteStore:
 
     def restart(self, state: dict[str, Any] | None, generation: int) -> int:
         self.prefetch = None  # a delta of the state being replaced
+        self.kept, self.known = {}, None  # rounds of the state being replaced
         return ray.get(self.handle.restart.remote(state, generation))

@@ -64,6 +64,7 @@ from pipeline.methods.base import (
     Train,
     TrainResult,
     drive,
+    seed_step,
     set_lr,
     to_batch,
 )
@@ -89,6 +90,7 @@ class StageDesk:
         self.current: tuple[int, list[Any]] | None = None
         self.parts: dict[int, Any] = {}
         self.generation = 0
+        self.stream = 0  # passes over the train stream before the group's first (resume_stream)
         self.stopped, self.error = False, ""
         self.changed = asyncio.Condition()
 
@@ -109,6 +111,12 @@ class StageDesk:
             self.generation += 1
             self.parts = {}
             return self.generation
+
+    async def set_stream(self, executions: int) -> None:
+        self.stream = executions
+
+    async def stream_position(self) -> int:
+        return self.stream
 
     async def deliver(self, i: int, generation: int, rank: int, part: Any) -> None:
         async with self.changed:
@@ -173,7 +181,8 @@ class LongLivedTrainer:
         self.desk = ray.remote(num_cpus=0)(StageDesk).remote()
         trainer = make_trainer(self.cfg, serve, {"cfg": self.cfg, "desk": self.desk},
                                self.datasets(), self.storage, "stages",
-                               data_config=_split_config(self.cfg.train.deterministic))
+                               data_config=_split_config(self.cfg.train.deterministic,
+                                                         self.desk))
         self.thread = threading.Thread(target=self._fit, args=(trainer,), daemon=True,
                                        name="stage-trainer")
         self.thread.start()
@@ -219,12 +228,17 @@ def _order_preserved(on: bool) -> Iterator[None]:
         options.preserve_order = saved
 
 
-def _split_config(deterministic: bool = False) -> Any:
+def _split_config(deterministic: bool = False, desk: Any = None) -> Any:
     """Ray Train's dataset config: ``train`` split equally over the workers (a step is a
     barrier), ``embed`` split without dropping a row (every image gets a feature). With
     ``deterministic`` (``train.deterministic``), the train stream keeps Ray Data's block
     order: a seeded shuffle draws each block's permutation from seed + block index, so
-    blocks arriving in a different order give a different epoch order."""
+    blocks arriving in a different order give a different epoch order.
+
+    A worker group that resumes starts the train stream at the run's pass count (``desk``'s
+    :meth:`StageDesk.stream_position`, :func:`resume_stream`), so a resumed epoch is drawn in
+    the order the unkilled run drew it."""
+    import ray
     from ray.train import DataConfig
 
     options = None
@@ -237,6 +251,8 @@ def _split_config(deterministic: bool = False) -> Any:
                       **kwargs: Any) -> list[dict[str, Any]]:
             # Ray Train V2 configures one dataset per call.
             rest = {k: v for k, v in datasets.items() if k != "embed"}
+            if "train" in rest and desk is not None:
+                start_stream(rest["train"], ray.get(desk.stream_position.remote()))
             out: list[dict[str, Any]] = super().configure(rest, world_size, *args, **kwargs)
             if "embed" in datasets:
                 embed = datasets["embed"].copy(datasets["embed"])
@@ -246,6 +262,16 @@ def _split_config(deterministic: bool = False) -> Any:
             return out
 
     return Split(datasets_to_split=["train", "embed"], execution_options=options)
+
+
+def start_stream(ds: Any, executions: int) -> None:
+    """Make ``ds``'s next execution its ``executions``-th. Ray Data seeds each execution's
+    file and block order from (``train.seed``, the dataset's execution index), an index that
+    counts executions since the split was made and so starts again at 0 in a restarted
+    worker group; set here, epoch e of a resumed run gets the order of epoch e of the
+    unkilled one. ``DataContext._execution_idx`` is private (Ray 2.60, pinned in
+    constraints.txt); tests/distributed/test_exact_resume.py fails if it stops working."""
+    ds.context._execution_idx = executions
 
 
 # ------------------------------------------------------------------------------------------
@@ -504,7 +530,12 @@ def serve(config: dict[str, Any]) -> None:
     ctx = ray_context()
     mine = ray.get(desk.new_generation.remote()) if ctx.rank == 0 else 0
     generation = int(ctx.all_reduce(torch.tensor([mine], device=ctx.device)).item())
+    saved = checkpoint.latest()
+    stream = TrainStream(None, 0 if saved is None else int(saved.meta.get("executions", 0)))
+    if ctx.rank == 0:  # before the train split is configured (on rank 0's first call)
+        ray.get(desk.set_stream.remote(stream.executions))
     shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "embed")}
+    stream.shard = shards["train"]
     after = -1
     while (taken := ray.get(desk.take.remote(after))) is not None:
         after, (ref,) = taken
@@ -512,8 +543,9 @@ def serve(config: dict[str, Any]) -> None:
         if isinstance(stage, Embed):
             part: Any = embed_share(cfg, stage, shards["embed"], ctx)
         else:
-            part = stage_loop(cfg, stage, shards["train"],
-                              _with_servers(ctx, servers, generation))
+            part = stage_loop(cfg, stage, stream, _with_servers(ctx, servers, generation),
+                              saved)
+            saved = None  # only the group's first train stage resumes (checkpoint.latest)
         if part is not None:
             ray.get(desk.deliver.remote(after, generation, ctx.rank, part))
 
@@ -565,22 +597,36 @@ def embed_share(cfg: Config, stage: Embed, shard: Any, ctx: Context) -> PerId:
                  np.concatenate(labels) if labels else None)
 
 
-def stage_loop(cfg: Config, stage: Train, shard: Any, ctx: Context
-               ) -> checkpoint.TrainState | None:
+@dataclasses.dataclass
+class TrainStream:
+    """A worker's split of the train stream and the run's pass count over it: every pass
+    is one execution of the dataset (:func:`start_stream`)."""
+
+    shard: Any
+    executions: int = 0
+
+
+def stage_loop(cfg: Config, stage: Train, stream: TrainStream, ctx: Context,
+               saved: checkpoint.TrainState | None = None) -> checkpoint.TrainState | None:
     """The one worker loop of every train stage -> the final state (rank 0; else None).
 
-    Checkpoints every ``scale.checkpoint_every_steps`` steps and at each epoch end; after a
-    restart the interrupted epoch replays its remaining number of steps on a freshly
-    shuffled stream (Ray Data iterators cannot resume mid-stream), and the first epoch row
-    after a resume records ``resumed_from_step``. ``debug.kill_worker_at_step`` kills rank 0
-    once, for the fault tests."""
+    Checkpoints every ``scale.checkpoint_every_steps`` steps and at each epoch end, with the
+    stream's pass count at the start of the epoch. A stage resumes from ``saved``, the
+    worker group's start-time checkpoint, when it is this stage's: the interrupted epoch
+    replays from its start in the same order (:func:`start_stream`), skipping the batches it
+    trained on, and each step's random draws depend on its global step alone
+    (:func:`~pipeline.methods.base.seed_step`), so with ``train.deterministic`` a resumed run
+    trains exactly as the unkilled one. The first epoch row after a resume records
+    ``resumed_from_step``. ``debug.kill_worker_at_step`` kills rank 0 once, for the fault
+    tests."""
     from pipeline.distributed.train import fault_point, out_of_time
     from pipeline.progress import Progress
 
     torch.manual_seed(cfg.train.seed)
     program = stage.program
     optimizers = program.setup(ctx)
-    at = _resume(stage.name, program, optimizers, ctx)
+    at = _resume(stage.name, program, optimizers, ctx, saved)
+    at["executions"] = stream.executions
     program.start(at["epoch"], ctx)
     join = _Join(stage.join)
     progress = Progress(stage.epochs, enabled=ctx.rank == 0)
@@ -591,9 +637,10 @@ def stage_loop(cfg: Config, stage: Train, shard: Any, ctx: Context
         if stage.lr is not None:
             set_lr(optimizers, stage.lr[epoch])
         t0, seen = time.perf_counter(), 0
-        for i, rows in enumerate(_passes(shard, local, stage.passes, cfg, epoch)):
+        for i, rows in enumerate(_passes(stream.shard, local, stage.passes, cfg, epoch)):
             if i < at["batch"]:
                 continue
+            seed_step(cfg.train.seed, ctx.rank, at["step"])
             program.step(to_batch(join(rows), ctx.device), ctx)
             at["step"], seen = at["step"] + 1, seen + len(rows["id"])
             if ctx.rank == 0:
@@ -602,12 +649,13 @@ def stage_loop(cfg: Config, stage: Train, shard: Any, ctx: Context
                 _save(ctx, stage.name, program, optimizers, {**at, "epoch": epoch,
                                                              "batch": i + 1})
             progress.step(epoch, i + 1)
+        stream.executions += stage.passes
         parts = {**program.end_epoch(epoch, ctx), **at.pop("resumed", {}),
                  "images_per_s": seen * ctx.world / max(1e-9, time.perf_counter() - t0)}
         at["history"].append({"epoch": epoch, **parts})
         if stage.epochs > 1:  # a one-epoch stage's method says how it went
             progress.end_epoch(epoch, parts)
-        at.update(epoch=epoch + 1, batch=0)
+        at.update(epoch=epoch + 1, batch=0, executions=stream.executions)
         _save(ctx, stage.name, program, optimizers, at, {"epoch": epoch, **parts})
         if out_of_time(cfg.train.time_budget_s, began):
             break
@@ -646,11 +694,12 @@ def _model_bytes(module: torch.nn.Module) -> bytes:
 
 
 def _meta(name: str, at: dict[str, Any]) -> dict[str, Any]:
-    return {"stage": name, **{k: at[k] for k in ("epoch", "batch", "step", "history")}}
+    return {"stage": name, **{k: at[k] for k in ("epoch", "batch", "step", "history",
+                                                  "executions")}}
 
 
 def _resume(name: str, program: Any, optimizers: list[torch.optim.Optimizer],
-            ctx: Context) -> dict[str, Any]:
+            ctx: Context, saved: checkpoint.TrainState | None) -> dict[str, Any]:
     """Where stage ``name`` stands: {"epoch", "batch" (done in it), "step", "history"},
     loaded with the program's module and optimisers from the latest checkpoint when that
     checkpoint is this stage's. Rank 0 restarts the centroid server from it, or from its
@@ -659,7 +708,6 @@ def _resume(name: str, program: Any, optimizers: list[torch.optim.Optimizer],
     that."""
     from safetensors.torch import load as st_load
 
-    saved = checkpoint.latest()
     if saved is None or saved.meta.get("stage") != name:
         saved = None
     if ctx.rank == 0 and ctx.centroids is not None:

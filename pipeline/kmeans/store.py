@@ -67,6 +67,7 @@ class Delta(NamedTuple):
     incarnation: str  # the store's identity: a new one means the caller's copy is void
     rows: np.ndarray | None
     centroids: np.ndarray
+    durable: int = -1  # rounds below it survive a crash of the store (-1: not tracked)
 
 
 class CentroidStore:

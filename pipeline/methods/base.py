@@ -244,6 +244,13 @@ def set_lr(optimizers: list[torch.optim.Optimizer], lr: float) -> None:
             group["lr"] = lr
 
 
+def seed_step(seed: int, rank: int, step: int) -> None:
+    """Seed torch's RNG for global step ``step`` of worker ``rank``: the random draws of a
+    step (augmentation, dropout, noise) depend only on (seed, rank, step), so a run resumed
+    from a checkpoint draws what the unkilled run drew (exact resume)."""
+    torch.manual_seed(int(np.random.SeedSequence((seed, rank, step)).generate_state(1)[0]))
+
+
 def to_batch(rows: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Numeric columns as float/int tensors on ``device``; ``id`` and ``label`` stay numpy."""
     out: dict[str, Any] = {}

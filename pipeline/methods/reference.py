@@ -30,6 +30,7 @@ from pipeline.methods.base import (
     Train,
     TrainResult,
     drive,
+    seed_step,
     set_lr,
     to_batch,
 )
@@ -73,7 +74,7 @@ class LocalRunner:
                             per_id.arrays[name].dtype)
             rows[order_ids] = per_id.take(self.ids[order_ids], name)
             joined[name] = rows
-        batch, history = stage.batch_size or self.cfg.train.batch_size, []
+        batch, history, step = stage.batch_size or self.cfg.train.batch_size, [], 0
         for epoch in range(stage.epochs):
             if stage.lr is not None:
                 set_lr(optimizers, stage.lr[epoch])
@@ -83,6 +84,8 @@ class LocalRunner:
                                               ).permutation(len(self.ids))
                 for start in range(0, len(order) - batch + 1, batch):
                     rows = order[start:start + batch]
+                    seed_step(self.cfg.train.seed, 0, step)
+                    step += 1
                     program.step(to_batch(self._rows(rows, joined), ctx.device), ctx)
                     seen += len(rows)
             history.append({"epoch": epoch, **program.end_epoch(epoch, ctx),
