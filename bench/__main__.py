@@ -6,8 +6,8 @@ import importlib
 import sys
 
 NAMES = ("quality", "ingest", "gpu_smoke", "throughput", "kmeans", "centroid_server", "memory",
-         "gpu_throughput", "deepcluster", "depict", "shuffle", "epoch_overhead", "report", "table",
-         "train_throughput", "chaos", "fuzz", "s3_faults")
+         "gpu_throughput", "deepcluster", "depict", "imc", "shuffle", "epoch_overhead", "report",
+         "table", "train_throughput", "chaos", "fuzz", "s3_faults")
 
 
 def main() -> int:

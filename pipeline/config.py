@@ -137,7 +137,9 @@ class ClusterConfig:
 class TrainConfig:
     """Optimisation."""
 
-    epochs: int = 10  # passes over the data
+    # Passes over the data. A method may default to its own (its registry line's defaults,
+    # pipeline/methods/__init__.py): imc 15, to fill the issue's 15 minutes on MNIST.
+    epochs: int = 10
     batch_size: int = 256  # global batch, split evenly over workers
     optimizer: Optimizer = "adam"  # adam is robust from scratch on small images
     lr: float = 1e-3  # adam default
@@ -156,13 +158,13 @@ class TrainConfig:
     # model and NMI; with more, the server still applies the workers' pushes in arrival
     # order. Costs some throughput (README), so off by default.
     deterministic: bool = False
-    # Precise BatchNorm after training (methods that use it: online): BatchNorm's running
+    # Precise BatchNorm after training (methods that use it: online, imc): BatchNorm's running
     # statistics are recomputed as the average batch statistics of this many uniformly
     # drawn images under the final weights, in batches of the training batch per worker,
     # so the eval-mode assignment pass sees features as the training steps did (MNIST,
     # seed 2: 85% of assignments agreed with a training batch's, 99% after; NMI 0.784 ->
     # 0.830, bench/results/quality-seeds.json). 0 = off: the exponential running averages
-    # of training stay.
+    # of training stay. imc also checks its head for empty clusters on these images.
     precise_bn_images: int = 4096
 
 
@@ -234,6 +236,57 @@ class DepictConfig:
 
 
 @dataclass
+class ImcConfig:
+    """The ``imc`` method (IMC-SwAV, Ntelemis et al. 2021, DESIGN §5.4): a SwAV encoder with
+    trainable prototypes and an MLP head trained by mutual information, in one phase.
+    Defaults are the authors' CIFAR settings (``foiv0s/imc-swav-pub``) unless noted."""
+
+    # Trainable prototypes k' (SwAV's codes): the reference's 1,000 (for 10 to 100 classes),
+    # not scaled with the data: 100 did no better in a spot check on the 1,797 digits
+    # (README). The MI head's k is cluster.k.
+    prototypes: int = 1000
+    project_dim: int = 128  # projection output (on the unit sphere) the prototypes score
+    head_hidden: int = 1024  # MI head: feature -> 1024 -> BN-ReLU -> 1024 -> BN-ReLU -> k
+    # Multi-crop: 2 global and 4 local views per image. Sizes 0 = scaled with
+    # data.image_size from the reference's 28 and 18 px at 32 px (28 px input: 24 and 16).
+    global_crops: int = 2
+    local_crops: int = 4
+    global_size: int = 0
+    local_size: int = 0
+    global_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # area fractions
+    local_scale: list[float] = field(default_factory=lambda: [0.08, 0.4])
+    # Horizontal flips: None = for colour inputs only (a mirrored digit is another glyph).
+    flip: bool | None = None
+    # Colour jitter (brightness, contrast, saturation, hue) with probability jitter_p, then
+    # greyscale with grey_p; greyscale inputs use brightness and contrast only.
+    jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])
+    jitter_p: float = 0.8
+    grey_p: float = 0.25
+    tau: float = 0.1  # softmax temperature of the swapped prediction and of u in the MI joint
+    eps: float = 0.05  # Sinkhorn's entropic regularisation: codes = Sinkhorn(exp(u / eps))
+    sinkhorn_iters: int = 3  # SwAV's 3 row/column normalisation rounds
+    entropy_weight: float = 4.0  # lambda in H(Y|U) - lambda * H(Y): the balance of clusters
+    logit_weight: float = 0.01  # logit regulariser: weight * mean(sum relu(|y| - logit_bound))
+    logit_bound: float = 5.0
+    # Adam over every part (encoder, projection, prototypes, head), as in the reference.
+    lr: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.8, 0.999])
+    weight_decay: float = 1e-5
+    # Linear learning-rate warm-up over this many updates, during which the prototypes are
+    # also frozen (their gradients dropped) so the codes start from a settled encoder.
+    # null = fitted to the run: min(500, 10% of its updates, train.epochs x steps per
+    # epoch). Long runs get the reference's 500 (0.5% of its 500 CIFAR-10 epochs at batch
+    # 256, 195 steps each); short ones SwAV's largest share (10 warm-up epochs of its
+    # 100-epoch schedule), so the warm-up never takes the run (500 updates are 13 epochs of
+    # the 10,000 MNIST test digits, 71 of the 1,797 demo digits). An integer is used as is.
+    warmup_steps: int | None = None
+    # Step decay: lr x decay_gamma at each of these fractions of train.epochs (the
+    # reference's epochs 150, 300 and 400 of 500).
+    decay_at: list[float] = field(default_factory=lambda: [0.3, 0.6, 0.8])
+    decay_gamma: float = 0.4
+
+
+@dataclass
 class ScaleConfig:
     """Ray resources and fault tolerance."""
 
@@ -293,6 +346,7 @@ class Config:
     online: OnlineConfig = field(default_factory=OnlineConfig)
     deepcluster: DeepClusterConfig = field(default_factory=DeepClusterConfig)
     depict: DepictConfig = field(default_factory=DepictConfig)
+    imc: ImcConfig = field(default_factory=ImcConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     s3: S3Config = field(default_factory=S3Config)
     report: ReportConfig = field(default_factory=ReportConfig)
@@ -494,23 +548,41 @@ def resolve(
     base: dict[str, Any] | None = None,
     loaded: dict[str, Any] | None = None,
 ) -> Any:
-    """Defaults, ``base`` (dotted keys), ``yaml_path``, ``loaded`` (a nested dict, e.g. a
-    saved run's config), ``flags`` (dotted), then ``--set`` overrides; validated."""
-    merged: dict[str, Any] = dataclasses.asdict(cls())
-    for key, value in (base or {}).items():
-        merged = _deep_merge(merged, _nested(key, value))
+    """Defaults (the dataclasses', then the chosen method's own:
+    :func:`method_defaults`), ``base`` (dotted keys), ``yaml_path``, ``loaded`` (a nested
+    dict, e.g. a saved run's config), ``flags`` (dotted), then ``--set`` overrides;
+    validated."""
+    layers = [_nested(key, value) for key, value in (base or {}).items()]
     if yaml_path:
-        merged = _deep_merge(merged, _load_yaml_file(yaml_path))
+        layers.append(_load_yaml_file(yaml_path))
     if loaded:
-        merged = _deep_merge(merged, loaded)
-    for key, value in (flags or {}).items():
-        if value is not None:
-            merged = _deep_merge(merged, _nested(key, value))
-    for text in overrides or []:
-        merged = _deep_merge(merged, parse_override(text))
+        layers.append(loaded)
+    layers += [_nested(key, value) for key, value in (flags or {}).items() if value is not None]
+    layers += [parse_override(text) for text in overrides or []]
+    merged = _merge_all(dataclasses.asdict(cls()), layers)
+    own = method_defaults(cls, merged.get("method"))
+    if own:  # under every given layer: a setting given anywhere wins
+        merged = _merge_all(_deep_merge(dataclasses.asdict(cls()), own), layers)
     cfg = from_dict(cls, merged)
     validate(cfg)
     return cfg
+
+
+def _merge_all(merged: dict[str, Any], layers: list[dict[str, Any]]) -> dict[str, Any]:
+    for layer in layers:
+        merged = _deep_merge(merged, layer)
+    return merged
+
+
+def method_defaults(cls: type, method: Any) -> dict[str, Any]:
+    """The defaults that ``method`` sets for shared settings (its registry line's
+    ``defaults``, e.g. ``imc``'s ``train.epochs``), nested; {} for another config class or
+    a method that is not registered (validation refuses that one)."""
+    info = methods.REGISTRY.get(method) if cls is Config and isinstance(method, str) else None
+    merged: dict[str, Any] = {}
+    for key, value in info.defaults if info is not None else ():
+        merged = _deep_merge(merged, _nested(key, value))
+    return merged
 
 
 def _nested(dotted: str, value: Any) -> dict[str, Any]:
@@ -539,14 +611,18 @@ _POSITIVE_INT = [
     "rows_per_file", "row_group_size", "max_pixels", "deepcluster.pca_dim",
     "deepcluster.kmeans_iters", "deepcluster.local_max_points", "deepcluster.kmeans_shards",
     "deepcluster.passes", "depict.target_every", "depict.kmeans_iters", "depict.kmeans_redo",
-    "depict.batch_size",
+    "depict.batch_size", "imc.prototypes", "imc.project_dim", "imc.head_hidden",
+    "imc.global_crops", "imc.sinkhorn_iters",
 ]  # fmt: skip
 _NON_NEGATIVE = [
     "data.global_shuffle_max_gb", "cluster.max_staleness", "train.weight_decay", "train.warmup_epochs", "train.time_budget_s", "train.precise_bn_images", "scale.max_failures",
     "report.nearest", "report.random", "online.compactness_weight", "online.consistency_weight", "online.entropy_weight", "train.momentum",
     "depict.embed_dim", "depict.hidden_weight", "depict.reconstruction_weight", "depict.tol", "depict.pretrain_epochs",
+    "imc.local_crops", "imc.global_size", "imc.local_size", "imc.entropy_weight", "imc.logit_weight",
+    "imc.logit_bound", "imc.weight_decay", "imc.warmup_steps",
 ]  # fmt: skip
 _POSITIVE = ["train.lr", "online.temperature", "scale.cpus_per_worker",
+             "imc.tau", "imc.eps", "imc.lr",
              "data.shuffle_buffer_mb",
              "scale.assign_cpus_per_actor", "scale.read_cpus", "scale.lease_ttl_s",
              "s3.connect_timeout_s", "s3.request_timeout_s"]  # fmt: skip
@@ -622,11 +698,61 @@ def _validate_run(cfg: Config) -> None:
     if not cfg.depict.channels or min(cfg.depict.channels) < 1:
         raise ConfigError(f"depict.channels: needs at least one value, each >= 1; got "
                           f"{_show(cfg.depict.channels)}")
+    _validate_imc(cfg.imc, cfg.data.image_size)
     if cfg.train.warmup_epochs > cfg.train.epochs:
         raise ConfigError(
             f"train.warmup_epochs: must be <= train.epochs={cfg.train.epochs}; "
             f"got {cfg.train.warmup_epochs}"
         )
+
+
+def _span(low_open: bool, high_open: bool) -> str:
+    return ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
+
+
+def _in_unit(value: float, low_open: bool = False, high_open: bool = False) -> bool:
+    return (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
+
+
+def _unit(name: str, value: float, low_open: bool = False, high_open: bool = False) -> None:
+    """``value`` in [0, 1] (or open at either end), else a ConfigError naming ``name``."""
+    if not _in_unit(value, low_open, high_open):
+        raise ConfigError(f"{name}: must be in {_span(low_open, high_open)}; got {value!r}")
+
+
+def _units(name: str, values: list[float], count: int | None, low_open: bool = False,
+           high_open: bool = False) -> None:
+    """``count`` values (any number if None), each as :func:`_unit` wants."""
+    if (count is not None and len(values) != count) or not all(
+            _in_unit(v, low_open, high_open) for v in values):
+        many = f"{count} values, each" if count is not None else "values"
+        raise ConfigError(f"{name}: needs {many} in {_span(low_open, high_open)}; got "
+                          f"{_show(values)}")
+
+
+def _validate_imc(imc: ImcConfig, image_size: int) -> None:
+    """Ranges of the ``imc`` section that a sign check cannot express."""
+    for name in ("global_size", "local_size"):
+        if getattr(imc, name) > image_size:
+            raise ConfigError(f"imc.{name}: must be <= data.image_size={image_size} (0 = "
+                              f"scaled with it); got {getattr(imc, name)}")
+    if imc.global_crops + imc.local_crops < 2:
+        raise ConfigError(f"imc.local_crops: the swapped prediction needs at least 2 views; "
+                          f"got imc.global_crops={imc.global_crops} + {imc.local_crops}")
+    for name in ("global_scale", "local_scale"):
+        values = getattr(imc, name)
+        _units(f"imc.{name}", values, 2, low_open=True)
+        if values[0] > values[1]:
+            raise ConfigError(f"imc.{name}: needs [min, max] with min <= max; got {values}")
+    if len(imc.jitter) != 4 or min(imc.jitter) < 0 or not math.isfinite(sum(imc.jitter)) \
+            or imc.jitter[3] > 0.5:
+        raise ConfigError("imc.jitter: needs 4 values (brightness, contrast, saturation >= 0, "
+                          f"hue in [0, 0.5]); got {_show(imc.jitter)}")
+    _unit("imc.jitter_p", imc.jitter_p)
+    _unit("imc.grey_p", imc.grey_p)
+    _units("imc.betas", imc.betas, 2, high_open=True)
+    _units("imc.decay_at", imc.decay_at, None)
+    _unit("imc.decay_gamma", imc.decay_gamma, low_open=True)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

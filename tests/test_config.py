@@ -41,6 +41,19 @@ def test_dump_round_trips(tmp_path):
     ("data.std=[0.5, 0]", "data.std"),
     ("cluster.drift_smoothing=2", "cluster.drift_smoothing: must be in [0, 1]"),
     ("train.batch_size=255", "train.batch_size: must be divisible by scale.workers"),
+    ("imc.prototypes=0", "imc.prototypes: must be > 0"),
+    ("imc.eps=0", "imc.eps: must be > 0"),
+    ("imc.local_crops=-1", "imc.local_crops: must be >= 0"),
+    ("imc.global_scale=[0.5]", "imc.global_scale: needs 2 values, each in (0, 1]"),
+    ("imc.local_scale=[0.4, 0.08]", "imc.local_scale: needs [min, max] with min <= max"),
+    ("imc.jitter=[0.4, 0.4, 0.4, 0.7]", "imc.jitter: needs 4 values"),
+    ("imc.grey_p=1.5", "imc.grey_p: must be in [0, 1]"),
+    ("imc.betas=[0.9, 1.0]", "imc.betas: needs 2 values, each in"),
+    ("imc.decay_gamma=0", "imc.decay_gamma: must be in (0, 1]"),
+    ("imc.flip=maybe", "imc.flip: must be true or false"),
+    ("imc.warmup_steps=-1", "imc.warmup_steps: must be >= 0"),
+    ("imc.warmup_steps=0.1", "imc.warmup_steps: must be int"),
+    ("imc.global_size=64", "imc.global_size: must be <= data.image_size=28"),
 ])
 def test_bad_values_name_the_field(override, message):
     overrides = [override] + (["scale.workers=2"] if "divisible" in message else [])

@@ -22,7 +22,9 @@ not once per stage (bench/epoch_overhead.py).
   joined by id on the worker, in :func:`stage_loop`, the one worker loop of every program:
   passes, learning rates, fault points, progress lines, ``train.time_budget_s``, and a
   checkpoint in the one format (:mod:`pipeline.distributed.checkpoint`) every
-  ``scale.checkpoint_every_steps`` and at each epoch end. A stage with ``centroids`` gets
+  ``scale.checkpoint_every_steps`` and at each epoch end. The driver sends each train stage
+  with its steps per epoch (:func:`~pipeline.methods.base.steps_per_epoch` of the rows in
+  the Parquet footers), the workers' ``ctx.steps_per_epoch``. A stage with ``centroids`` gets
   a centroid-server actor (or ``scale.centroid_shards`` of them) for its duration, as
   ``ctx.centroids``; its state goes into every checkpoint and is restored with it. A
   restarted worker group (``FailureConfig``) or a re-run resumes the stage from its latest
@@ -66,6 +68,7 @@ from pipeline.methods.base import (
     drive,
     seed_step,
     set_lr,
+    steps_per_epoch,
     to_batch,
 )
 from pipeline.outputs import RunPaths, TrainedModel
@@ -155,15 +158,18 @@ class LongLivedTrainer:
         self.error: BaseException | None = None
         self.posted = 0
 
-    def run(self, stage: Stage, servers: dict[str, Any] | None = None) -> list[Any]:
+    def run(self, stage: Stage, servers: dict[str, Any] | None = None,
+            steps_per_epoch: int | None = None) -> list[Any]:
         """Every rank's part of ``stage`` (rank 0's alone for a train stage); ``servers``:
-        the stage's centroid servers ({"servers": [(name, namespace)], "bounds"})."""
+        the stage's centroid servers ({"servers": [(name, namespace)], "bounds"});
+        ``steps_per_epoch``: a train stage's, for its workers' :class:`Context`."""
         import ray
 
         if self.thread is None:
             self._start()
         self.posted += 1
-        ray.get(self.desk.post.remote(self.posted, [ray.put((stage, servers))]))
+        ray.get(self.desk.post.remote(self.posted,
+                                      [ray.put((stage, servers, steps_per_epoch))]))
         need = self.cfg.scale.workers if isinstance(stage, Embed) else 1
         got = ray.get(self.desk.result.remote(self.posted, need))
         if "error" in got:
@@ -270,7 +276,8 @@ def start_stream(ds: Any, executions: int) -> None:
     counts executions since the split was made and so starts again at 0 in a restarted
     worker group; set here, epoch e of a resumed run gets the order of epoch e of the
     unkilled one. ``DataContext._execution_idx`` is private (Ray 2.60, pinned in
-    constraints.txt); tests/distributed/test_exact_resume.py fails if it stops working."""
+    constraints.txt); the killed-run test in tests/test_cluster_job.py fails if it stops
+    working."""
     ds.context._execution_idx = executions
 
 
@@ -343,8 +350,9 @@ class RayRunner:
         return load_train_result(saved)
 
     def _train(self, stage: Train) -> checkpoint.TrainState:
+        steps = steps_per_epoch(self.rows(), stage, self.cfg.train.batch_size)
         if stage.centroids is None:
-            state: checkpoint.TrainState = self.trainer.run(stage)[0]
+            state: checkpoint.TrainState = self.trainer.run(stage, None, steps)[0]
             return state
         import ray
 
@@ -352,14 +360,16 @@ class RayRunner:
 
         handles, names, bounds = start_servers(self.cfg, self.paths, stage.centroids)
         try:
-            state = self.trainer.run(stage, {"servers": names, "bounds": bounds.tolist()})[0]
+            state = self.trainer.run(stage, {"servers": names, "bounds": bounds.tolist()},
+                                     steps)[0]
         finally:
             for handle in handles:
                 ray.kill(handle, no_restart=True)
         return state
 
     def rows(self) -> int:
-        """Rows in the input (Parquet footers), for the memory guard."""
+        """Rows in the input (Parquet footers), for the memory guard and a train stage's
+        steps per epoch (images that fail to decode are counted: an upper bound then)."""
         if self._rows is None:
             self._rows = count_rows(self.shards)
         return self._rows
@@ -539,12 +549,13 @@ def serve(config: dict[str, Any]) -> None:
     after = -1
     while (taken := ray.get(desk.take.remote(after))) is not None:
         after, (ref,) = taken
-        stage, servers = ray.get(ref)
+        stage, servers, steps = ray.get(ref)
         if isinstance(stage, Embed):
             part: Any = embed_share(cfg, stage, shards["embed"], ctx)
         else:
-            part = stage_loop(cfg, stage, stream, _with_servers(ctx, servers, generation),
-                              saved)
+            stage_ctx = dataclasses.replace(_with_servers(ctx, servers, generation),
+                                            steps_per_epoch=steps)
+            part = stage_loop(cfg, stage, stream, stage_ctx, saved)
             saved = None  # only the group's first train stage resumes (checkpoint.latest)
         if part is not None:
             ray.get(desk.deliver.remote(after, generation, ctx.rank, part))
@@ -650,8 +661,9 @@ def stage_loop(cfg: Config, stage: Train, stream: TrainStream, ctx: Context,
                                                              "batch": i + 1})
             progress.step(epoch, i + 1)
         stream.executions += stage.passes
+        seconds = time.perf_counter() - t0
         parts = {**program.end_epoch(epoch, ctx), **at.pop("resumed", {}),
-                 "images_per_s": seen * ctx.world / max(1e-9, time.perf_counter() - t0)}
+                 "images_per_s": seen * ctx.world / max(1e-9, seconds), "epoch_s": seconds}
         at["history"].append({"epoch": epoch, **parts})
         if stage.epochs > 1:  # a one-epoch stage's method says how it went
             progress.end_epoch(epoch, parts)

@@ -48,6 +48,10 @@ class Context:
     ``centroids``: the centroid-server client (:class:`pipeline.methods.online.CentroidClient`:
     the Ray actor, its shards, or the in-process :class:`~pipeline.kmeans.store.CentroidStore`)
     in a train stage that asked for one (``Train.centroids``), else None.
+    ``steps_per_epoch``: in a train stage, the optimiser steps of one of its epochs
+    (:func:`steps_per_epoch`, the same on every worker and in both runners), so a program
+    can size a schedule by the run (IMC's warm-up); None outside a train stage or from a
+    runner that does not know it.
     """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -57,6 +61,7 @@ class Context:
     all_gather: Callable[[torch.Tensor], torch.Tensor] = _identity
     wrap: Callable[[nn.Module], nn.Module] = lambda m: m
     centroids: Any = None
+    steps_per_epoch: int | None = None
 
 
 @dataclass
@@ -207,7 +212,8 @@ class Train:
 @dataclass
 class TrainResult:
     """A train stage's outcome: the program module's final ``state``, its ``history`` (a
-    row per epoch: the program's figures, ``images_per_s``, ``resumed_from_step`` after a
+    row per epoch: the program's figures, ``images_per_s``, ``epoch_s`` (the epoch's
+    seconds; after a restart those since the resume), ``resumed_from_step`` after a
     restart) and the optimisers' final state dicts."""
 
     state: dict[str, np.ndarray]
@@ -236,6 +242,17 @@ def drive(stages: Stages, runner: Runner) -> Any:
         except StopIteration as done:
             return done.value
         result = runner.embed(stage) if isinstance(stage, Embed) else runner.train(stage)
+
+
+def steps_per_epoch(rows: int, stage: Train, batch_size: int) -> int:
+    """Optimiser steps in one epoch of ``stage`` over ``rows`` images: ``stage.passes``
+    passes in global batches of ``stage.batch_size`` (else ``batch_size``, i.e.
+    ``train.batch_size``), the last partial batch of each pass dropped.
+
+    On W workers the count is the same: each gets an equal split of ⌊rows/W⌋ rows in
+    batches of B/W (B is a multiple of W), and ⌊⌊rows/W⌋ / (B/W)⌋ = ⌊rows/B⌋, since the
+    largest multiple of W up to ``rows`` is at least any multiple of B up to it."""
+    return rows // (stage.batch_size or batch_size) * stage.passes
 
 
 def set_lr(optimizers: list[torch.optim.Optimizer], lr: float) -> None:

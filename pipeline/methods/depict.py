@@ -42,11 +42,12 @@ whatever the number of workers.
    new q) until fewer than ``depict.tol`` of the targets change their argmax, or
    ``train.epochs`` of joint training are spent.
 
-**Export** (:func:`export`). The model maps an image to p (its ``output`` is ``probs``) and
-the centroids are the k one-hot vectors: ‖p − e_j‖² = ‖p‖² + 1 − 2 p_j, so nearest-centroid
-assignment is exactly the method's cluster, argmax p; an outlier is an image of low
-confidence. No empty cluster: a cluster that no image's argmax picks gets half of the
-largest one by splitting that cluster's head row (:func:`split_empty_heads`). Plain
+**Export** (:func:`export`, :mod:`pipeline.methods.argmax`, shared with ``imc``). The model
+maps an image to p (its ``output`` is ``probs``) and the centroids are the k one-hot
+vectors: ‖p − e_j‖² = ‖p‖² + 1 − 2 p_j, so nearest-centroid assignment is exactly the
+method's cluster, argmax p; an outlier is an image of low confidence. No empty cluster: a
+cluster that no image's argmax picks gets half of the largest one by splitting that
+cluster's head row (:func:`~pipeline.methods.argmax.split_empty_heads`). Plain
 PyTorch/numpy: no Ray.
 """
 
@@ -65,6 +66,7 @@ from torch import nn
 
 from pipeline.data.augment import AugmentSpec, augment
 from pipeline.kmeans.shards import kmeans_features
+from pipeline.methods.argmax import cluster_scores, probs_export, softmax, split_empty_heads
 from pipeline.methods.base import Context, Embed, Hooks, PerId, Scatter, Stages, Train
 
 if TYPE_CHECKING:
@@ -219,11 +221,6 @@ def layerwise_loss(recs: list[torch.Tensor], targets: list[torch.Tensor],
 # Targets, the head, empty clusters.
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
-
-
 def targets(p: np.ndarray, kind: str = "sqrt", frequency: np.ndarray | None = None
             ) -> np.ndarray:
     """Targets q (n, k) from probabilities p (n, k): q_ik ∝ p_ik / f_k^{1/2} (``sqrt``, the
@@ -242,43 +239,6 @@ def head_from_centroids(centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return w.astype(np.float32), np.zeros(len(w), np.float32)
 
 
-def split_empty_heads(z: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float = 1e-3
-                      ) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Heads with no empty cluster under argmax(z Wᵀ + b), as DeepCluster splits centroids.
-
-    Each empty cluster e takes a copy of the largest cluster d's row, moved by ±s·u with u
-    the principal direction of d's embeddings and the biases set so that l_e − l_d =
-    2s(u·z − t), t their median projection: d's members split in half along u. s keeps
-    every other logit within ``eps`` of where it was. z (n, d), w (k, d), b (k,); returns
-    new (w, b) and the clusters filled. A donor whose members are all equal cannot split.
-    """
-    w, b = w.astype(np.float64).copy(), b.astype(np.float64).copy()
-    filled: list[int] = []
-    labels = np.argmax(z @ w.T + b, axis=1)
-    for e in np.flatnonzero(np.bincount(labels, minlength=len(w)) == 0):
-        donor = int(np.argmax(np.bincount(labels, minlength=len(w))))
-        members = z[labels == donor].astype(np.float64)
-        centred = members - members.mean(axis=0)
-        if len(members) < 2 or not np.any(centred):
-            break
-        u = np.linalg.svd(centred, full_matrices=False)[2][0]
-        t = float(np.median(members @ u))
-        s = eps / max(1e-12, float(np.abs(z @ u - t).max()))
-        w[e], b[e] = w[donor] + s * u, b[donor] - s * t
-        w[donor], b[donor] = w[donor] - s * u, b[donor] + s * t
-        labels = np.argmax(z @ w.T + b, axis=1)
-        filled.append(int(e))
-    return w.astype(np.float32), b.astype(np.float32), filled
-
-
-def _scores(labels: np.ndarray | None, found: np.ndarray) -> dict[str, float]:
-    if labels is None:
-        return {}
-    from pipeline.metrics import acc, ari, nmi
-
-    return {"nmi": nmi(labels, found), "acc": acc(labels, found), "ari": ari(labels, found)}
-
-
 def initial_clusters(cfg: Config, seed: int) -> Callable[[PerId, Scatter], PerId]:
     """The ``initial-clustering`` reduce: k-means on the clean embeddings (n, d) ->
     ``arrays["target"]`` one-hot (n, k) float16, ``arrays["cluster"]`` (n,), ``extra`` the
@@ -293,7 +253,7 @@ def initial_clusters(cfg: Config, seed: int) -> Callable[[PerId, Scatter], PerId
         w, b = head_from_centroids(centroids)
         q = np.eye(k, dtype=np.float16)[labels]
         facts = {**found.facts, "kmeans_s": time.perf_counter() - t0,
-                 **_scores(found.labels, labels)}
+                 **cluster_scores(found.labels, labels)}
         return PerId(found.ids, {"target": q, "cluster": labels.astype(np.int64)}, found.labels,
                      {"head_w": w, "head_b": b, "centroids": centroids}, facts)
 
@@ -315,7 +275,7 @@ def refresh_targets(cfg: Config, w: np.ndarray, b: np.ndarray, previous: np.ndar
         counts = np.bincount(cluster, minlength=cfg.cluster.k)
         facts = {**found.facts, "changed": float(np.mean(assigned != previous)),
                  "split_clusters": len(filled), "smallest_cluster": int(counts.min()),
-                 **_scores(found.labels, cluster)}
+                 **cluster_scores(found.labels, cluster)}
         return PerId(found.ids, {"target": q.astype(np.float16), "cluster": cluster},
                      found.labels, {"head_w": head_w, "head_b": head_b,
                                     "frequency": p.sum(axis=0).astype(np.float32)}, facts)
@@ -457,11 +417,8 @@ def _bytes(model: nn.Module) -> bytes:
 def export(cfg: Config, net: DepictNet, final: PerId, history: list[dict[str, Any]]
            ) -> TrainedModel:
     """The network with the last targets' head, mapping images to p (n, k), and the k
-    one-hot centroids: nearest-centroid assignment is argmax p, the method's cluster."""
-    from pipeline.outputs import TrainedModel
-
+    one-hot centroids (:func:`~pipeline.methods.argmax.probs_export`): nearest-centroid
+    assignment is argmax p, the method's cluster."""
     _set_head(net, final.extra["head_w"], final.extra["head_b"])
     net.output = "probs"
-    k = cfg.cluster.k
-    return TrainedModel(_bytes(net), depict_arch(cfg, "probs"), np.eye(k, dtype=np.float32),
-                        history)
+    return probs_export(_bytes(net), depict_arch(cfg, "probs"), history)

@@ -32,6 +32,7 @@ from pipeline.methods.base import (
     drive,
     seed_step,
     set_lr,
+    steps_per_epoch,
     to_batch,
 )
 from pipeline.models.layers import recompute_bn_stats
@@ -62,18 +63,13 @@ class LocalRunner:
         store = None
         if stage.centroids is not None:
             store = CentroidStore(stage.centroids, **store_kwargs(self.cfg))
-        ctx = Context(centroids=store)
+        ctx = Context(centroids=store, steps_per_epoch=steps_per_epoch(
+            len(self.ids), stage, self.cfg.train.batch_size))
         torch.manual_seed(self.cfg.train.seed)
         program = stage.program
         optimizers = program.setup(ctx)
         program.start(0, ctx)
-        order_ids = np.argsort(self.ids)
-        joined = {}
-        for name, per_id in stage.join.items():  # rows in self.ids order
-            rows = np.empty((len(self.ids), *per_id.arrays[name].shape[1:]),
-                            per_id.arrays[name].dtype)
-            rows[order_ids] = per_id.take(self.ids[order_ids], name)
-            joined[name] = rows
+        joined = self._joined(stage)
         batch, history, step = stage.batch_size or self.cfg.train.batch_size, [], 0
         for epoch in range(stage.epochs):
             if stage.lr is not None:
@@ -88,11 +84,23 @@ class LocalRunner:
                     step += 1
                     program.step(to_batch(self._rows(rows, joined), ctx.device), ctx)
                     seen += len(rows)
+            seconds = time.perf_counter() - t0
             history.append({"epoch": epoch, **program.end_epoch(epoch, ctx),
-                            "images_per_s": seen / max(1e-9, time.perf_counter() - t0)})
+                            "images_per_s": seen / max(1e-9, seconds), "epoch_s": seconds})
         state = {k: v.detach().cpu().numpy() for k, v in program.module.state_dict().items()}
         return TrainResult(state, history, [o.state_dict() for o in optimizers],
                            None if store is None else store.centroids.copy())
+
+    def _joined(self, stage: Train) -> dict[str, np.ndarray]:
+        """The stage's per-id arrays, their rows in ``self.ids`` order."""
+        order_ids = np.argsort(self.ids)
+        joined = {}
+        for name, per_id in stage.join.items():
+            rows = np.empty((len(self.ids), *per_id.arrays[name].shape[1:]),
+                            per_id.arrays[name].dtype)
+            rows[order_ids] = per_id.take(self.ids[order_ids], name)
+            joined[name] = rows
+        return joined
 
     def _rows(self, rows: np.ndarray, joined: dict[str, np.ndarray]) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.ids[rows], "pixels": self.pixels[rows].numpy()}

@@ -13,7 +13,7 @@ import torch
 
 from pipeline import methods
 from pipeline.config import Config, resolve
-from pipeline.methods.base import Context, Embed, PerId, drive
+from pipeline.methods.base import Context, Embed, PerId, Train, drive, steps_per_epoch
 from pipeline.metrics import nmi
 from tests.test_cluster_job import digits_shards  # noqa: F401  (fixture)
 
@@ -73,6 +73,18 @@ def test_lloyd_program_is_lloyds_algorithm():
     assert parts == {"sqdist": pytest.approx((2 + 2 + 18 + 2) / 4), "images": 4}
 
 
+def test_steps_per_epoch_is_the_same_on_any_number_of_workers():
+    """W workers, each with an equal split of rows // W in batches of B / W (drop_last),
+    take the steps of one worker over every row in batches of B."""
+    for world in (1, 2, 3, 4, 8):
+        for batch in range(world, 12 * world + 1, world):
+            for rows in range(0, 6 * batch):
+                stage = Train("t", 1, None, passes=2, batch_size=batch)  # type: ignore[arg-type]
+                per_worker = (rows // world) // (batch // world) * 2
+                assert steps_per_epoch(rows, stage, 256) == per_worker, (world, batch, rows)
+    assert steps_per_epoch(1797, Train("t", 1, None), 256) == 7  # type: ignore[arg-type]
+
+
 def test_reference_and_ray_runner_agree(tiny, digits_shards, tmp_path):  # noqa: F811
     """Same seed, 1 worker: the partitions of the digits agree (NMI >= 0.99), and the Ray
     run is a complete run (assignments, metrics, report) with no method-specific code, even
@@ -112,4 +124,8 @@ def test_reference_and_ray_runner_agree(tiny, digits_shards, tmp_path):  # noqa:
     resumed = [h.get("resumed_from_step") for h in history]
     assert resumed[0] is None and resumed[1] in (3, 4) and resumed[2:] == [None, None]
     assert history[-1]["sqdist"] <= history[0]["sqdist"]  # Lloyd never increases inertia
+    # both runners tell the program the steps of an epoch it then takes: 1,797 // 599
+    assert [h["steps_per_epoch"] for h in history] == [3] * 4
+    assert [h["steps_per_epoch"] for h in ref.history] == [3] * 4
+    assert {h["images"] for h in history + ref.history} == {3 * 599}
     assert metrics["nmi"] > 0.1  # random CNN features carry some digit identity (~0.19)

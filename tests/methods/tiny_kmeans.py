@@ -76,6 +76,8 @@ class Lloyd(Hooks):
         filled = counts > 0
         m.centroids[filled] = sums[filled] / counts[filled, None]
         parts = {"sqdist": float(sqdist / counts.sum()), "images": int(counts.sum())}
+        if ctx.steps_per_epoch is not None:  # what the runner told the program
+            parts["steps_per_epoch"] = ctx.steps_per_epoch
         m.reset()  # after reading: in one process all_reduce returns the buffers themselves
         return parts
 
