@@ -46,3 +46,17 @@ def need(path: Path) -> Path:
     if not path.exists():
         raise SystemExit(f"skipped: {path} is absent (the shared datasets are needed)")
     return path
+
+
+def fresh_run(shards: str, out: Path, settings: list[str]) -> tuple[Any, dict[str, Any], float]:
+    """The main job (``pipeline.run``) from scratch on ``shards`` into ``out`` with ``settings``
+    -> (its resolved config, its metrics, its wall seconds)."""
+    from pipeline.config import Config, resolve
+    from pipeline.data import fs as fsx
+    from pipeline.run import run
+
+    fsx.remove_tree(fsx.locate(str(out)))  # a benchmark measures a fresh run
+    cfg = resolve(Config, None, settings, {"data.input": shards, "data.output": str(out)})
+    start = time.perf_counter()
+    metrics = run(cfg)
+    return cfg, metrics, round(time.perf_counter() - start, 1)

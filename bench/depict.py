@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from typing import Any
 
-from bench.common import REPO, write_result
+from bench.common import REPO, fresh_run, write_result
 from bench.deepcluster import cifar_shards, mnist_shards, raw_pixel_kmeans
 
 WORK = REPO / "work" / "bench" / "depict"
@@ -39,20 +38,12 @@ COMMON = ["cluster.k=10", "report.sample_rows=2000", "scale.threads_per_worker=2
 
 
 def run_method(shards: str, name: str, settings: list[str]) -> dict[str, Any]:
-    from pipeline.config import Config, resolve
-    from pipeline.data import fs as fsx
-    from pipeline.run import run
-
-    out = str(WORK / "runs" / name)
-    fsx.remove_tree(fsx.locate(out))  # a benchmark measures a fresh run
-    cfg = resolve(Config, None, COMMON + settings, {"data.input": shards, "data.output": out})
-    start = time.perf_counter()
-    metrics = run(cfg)
+    _, metrics, wall = fresh_run(shards, WORK / "runs" / name, COMMON + settings)
     rows = metrics["epochs"]
     joint = [r for r in rows if r.get("stage") == "joint"]
     speed = [r["images_per_s"] for r in (joint or rows) if "images_per_s" in r]
     result = {"nmi": round(metrics["nmi"], 4), "acc": round(metrics["acc"], 4),
-              "ari": round(metrics["ari"], 4), "wall_s": round(time.perf_counter() - start, 1),
+              "ari": round(metrics["ari"], 4), "wall_s": wall,
               "train_images_per_s": round(sum(speed) / len(speed), 1) if speed else None,
               "empty_clusters": metrics["cluster_sizes"]["empty"], "settings": settings}
     if joint:

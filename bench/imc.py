@@ -42,10 +42,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from typing import Any
 
-from bench.common import REPO, write_result
+from bench.common import REPO, fresh_run, write_result
 from bench.deepcluster import cifar_shards, mnist_shards, raw_pixel_kmeans
 
 WORK = REPO / "work" / "bench" / "imc"
@@ -80,16 +79,7 @@ def curve(rows: list[dict[str, Any]], final: dict[str, Any]) -> list[dict[str, A
 
 def run_method(shards: str, name: str, settings: list[str]) -> dict[str, Any]:
     """One run of the main job from scratch -> its scores, times, speed and curve."""
-    from pipeline.config import Config, resolve
-    from pipeline.data import fs as fsx
-    from pipeline.run import run
-
-    out = str(WORK / "runs" / name)
-    fsx.remove_tree(fsx.locate(out))  # a benchmark measures a fresh run
-    cfg = resolve(Config, None, COMMON + settings, {"data.input": shards, "data.output": out})
-    start = time.perf_counter()
-    metrics = run(cfg)
-    wall = round(time.perf_counter() - start, 1)
+    cfg, metrics, wall = fresh_run(shards, WORK / "runs" / name, COMMON + settings)
     rows = [r for r in metrics["epochs"] if r.get("stage", "train") == "train"]
     speed = [r["images_per_s"] for r in rows if "images_per_s" in r]
     result = {"nmi": round(metrics["nmi"], 4), "acc": round(metrics["acc"], 4),
