@@ -7,6 +7,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +49,18 @@ def need(path: Path) -> Path:
     return path
 
 
-def fresh_run(shards: str, out: Path, settings: list[str]) -> tuple[Any, dict[str, Any], float]:
+def fresh_run(shards: str, out: Path, settings: list[str],
+              before: Callable[[], None] | None = None) -> tuple[Any, dict[str, Any], float]:
     """The main job (``pipeline.run``) from scratch on ``shards`` into ``out`` with ``settings``
-    -> (its resolved config, its metrics, its wall seconds)."""
+    -> (its resolved config, its metrics, its wall seconds). ``before``: called once ``out``
+    is emptied (to place stage results the run should reuse)."""
     from pipeline.config import Config, resolve
     from pipeline.data import fs as fsx
     from pipeline.run import run
 
     fsx.remove_tree(fsx.locate(str(out)))  # a benchmark measures a fresh run
+    if before is not None:
+        before()
     cfg = resolve(Config, None, settings, {"data.input": shards, "data.output": str(out)})
     start = time.perf_counter()
     metrics = run(cfg)

@@ -287,6 +287,42 @@ class ImcConfig:
 
 
 @dataclass
+class MultiviewConfig:
+    """The ``multiview`` method (Guérin et al. 2021, DESIGN §5.5): several extractors' features
+    as views, fused by a multi-input network with a DEC clustering layer."""
+
+    # Each: a finished run (local or s3://), ARCH[:WEIGHTS_URI] (pipeline/models/zoo.py), or
+    # noise[:DIM]; "#size=S,mean=a/b/c,std=a/b/c" overrides the view's input. Required.
+    views: list[str] = field(default_factory=list)
+    # Weights that fill less than this share of an architecture's tensors are refused
+    # (another architecture's, or a truncated file); torchvision checkpoints fill 100%.
+    min_coverage: float = 0.9
+    # Each view is PCA-whitened to at most this many dimensions (DeepCluster's 256 is for
+    # one view; with several, 64 each keeps the fused input small and the k-means fast).
+    pca_dim: int = 64
+    hidden: int = 256  # each branch and decoder: p_v -> hidden -> embed_dim (and back)
+    embed_dim: int = 32  # the fused embedding z
+    # View weights from each view's cluster structure (the gap statistic, README): "gated" =
+    # equal over the views whose gap >= min_gap, 0 for the others; "gap" = in proportion to
+    # the gap over those views; "uniform" = equal over all. A pure-noise view's gap is ~0
+    # (|gap| < 0.01 measured), random-init CNN views' 0.05-0.2 on the digits.
+    weighting: str = "gated"
+    min_gap: float = 0.02
+    batch_size: int = 256  # fusion steps (DEC's 256)
+    lr: float = 1e-3  # Adam, for the fusion network
+    pretrain_epochs: int = 50  # reconstruction alone, before k-means initialises the centroids
+    # DEC's start: "concat" = k-means on the views' weighted concatenation (README: measured
+    # better), "embedding" = k-means on the pretrained fused embedding (DEC's own).
+    init: str = "concat"
+    target_every: int = 2  # epochs between DEC target refreshes over every image
+    tol: float = 0.001  # stop when fewer clusters than this change in a round (DEC's 0.1%)
+    cluster_weight: float = 0.1  # IDEC's gamma: reconstruction + gamma * KL(P || Q)
+    alpha: float = 1.0  # the Student-t's degrees of freedom (DEC's 1)
+    kmeans_iters: int = 30
+    kmeans_redo: int = 3  # k-means restarts (lowest inertia kept), for baselines and the start
+
+
+@dataclass
 class ScaleConfig:
     """Ray resources and fault tolerance."""
 
@@ -347,6 +383,7 @@ class Config:
     deepcluster: DeepClusterConfig = field(default_factory=DeepClusterConfig)
     depict: DepictConfig = field(default_factory=DepictConfig)
     imc: ImcConfig = field(default_factory=ImcConfig)
+    multiview: MultiviewConfig = field(default_factory=MultiviewConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     s3: S3Config = field(default_factory=S3Config)
     report: ReportConfig = field(default_factory=ReportConfig)
@@ -612,17 +649,20 @@ _POSITIVE_INT = [
     "deepcluster.kmeans_iters", "deepcluster.local_max_points", "deepcluster.kmeans_shards",
     "deepcluster.passes", "depict.target_every", "depict.kmeans_iters", "depict.kmeans_redo",
     "depict.batch_size", "imc.prototypes", "imc.project_dim", "imc.head_hidden",
-    "imc.global_crops", "imc.sinkhorn_iters",
+    "imc.global_crops", "imc.sinkhorn_iters", "multiview.pca_dim", "multiview.hidden",
+    "multiview.embed_dim", "multiview.batch_size", "multiview.target_every",
+    "multiview.kmeans_iters", "multiview.kmeans_redo",
 ]  # fmt: skip
 _NON_NEGATIVE = [
     "data.global_shuffle_max_gb", "cluster.max_staleness", "train.weight_decay", "train.warmup_epochs", "train.time_budget_s", "train.precise_bn_images", "scale.max_failures",
     "report.nearest", "report.random", "online.compactness_weight", "online.consistency_weight", "online.entropy_weight", "train.momentum",
     "depict.embed_dim", "depict.hidden_weight", "depict.reconstruction_weight", "depict.tol", "depict.pretrain_epochs",
     "imc.local_crops", "imc.global_size", "imc.local_size", "imc.entropy_weight", "imc.logit_weight",
-    "imc.logit_bound", "imc.weight_decay", "imc.warmup_steps",
+    "imc.logit_bound", "imc.weight_decay", "imc.warmup_steps", "multiview.pretrain_epochs",
+    "multiview.tol", "multiview.cluster_weight", "multiview.min_gap",
 ]  # fmt: skip
 _POSITIVE = ["train.lr", "online.temperature", "scale.cpus_per_worker",
-             "imc.tau", "imc.eps", "imc.lr",
+             "imc.tau", "imc.eps", "imc.lr", "multiview.lr", "multiview.alpha",
              "data.shuffle_buffer_mb",
              "scale.assign_cpus_per_actor", "scale.read_cpus", "scale.lease_ttl_s",
              "s3.connect_timeout_s", "s3.request_timeout_s"]  # fmt: skip
@@ -699,6 +739,7 @@ def _validate_run(cfg: Config) -> None:
         raise ConfigError(f"depict.channels: needs at least one value, each >= 1; got "
                           f"{_show(cfg.depict.channels)}")
     _validate_imc(cfg.imc, cfg.data.image_size)
+    _validate_multiview(cfg)
     if cfg.train.warmup_epochs > cfg.train.epochs:
         raise ConfigError(
             f"train.warmup_epochs: must be <= train.epochs={cfg.train.epochs}; "
@@ -753,6 +794,24 @@ def _validate_imc(imc: ImcConfig, image_size: int) -> None:
     _units("imc.betas", imc.betas, 2, high_open=True)
     _units("imc.decay_at", imc.decay_at, None)
     _unit("imc.decay_gamma", imc.decay_gamma, low_open=True)
+
+
+def _validate_multiview(cfg: Config) -> None:
+    """The ``multiview`` section's ranges; the views themselves are read by the method's
+    preflight (``pipeline.methods.multiview.check``), before any work."""
+    mv = cfg.multiview
+    if mv.weighting not in ("gated", "gap", "uniform"):
+        raise ConfigError(f"multiview.weighting: must be gated, gap or uniform; got "
+                          f"{mv.weighting!r}")
+    _unit("multiview.min_coverage", mv.min_coverage)
+    if mv.init not in ("concat", "embedding"):
+        raise ConfigError(f"multiview.init: must be concat or embedding; got {mv.init!r}")
+    if cfg.method == "multiview" and not mv.views:
+        raise ConfigError("multiview.views: --method multiview needs at least one view, e.g. "
+                          "--set multiview.views='[runs/online, resnet18]'")
+    if cfg.method == "multiview" and mv.batch_size % cfg.scale.workers:
+        raise ConfigError(f"multiview.batch_size: must be divisible by scale.workers="
+                          f"{cfg.scale.workers}; got {mv.batch_size}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -25,8 +25,10 @@ def read_assignments(paths: RunPaths, columns: list[str]) -> Any:
 
 
 def evaluate_run(cfg: Config, paths: RunPaths, has_label: bool, history: list[dict[str, Any]],
-                 wall_s: float, assign_s: float) -> dict[str, Any]:
-    """Image count, cluster sizes, inertia, NMI/ACC/ARI (with labels), throughput, rejects."""
+                 wall_s: float, assign_s: float, results: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
+    """Image count, cluster sizes, inertia, NMI/ACC/ARI (with labels), throughput, rejects,
+    and the method's own ``results`` (multiview's ``views`` table)."""
     table = read_assignments(paths, ["cluster", "distance", "label"])
     clusters = table.column("cluster").to_numpy()
     n = len(clusters)
@@ -45,6 +47,7 @@ def evaluate_run(cfg: Config, paths: RunPaths, has_label: bool, history: list[di
         valid = pc.invert(pc.is_null(labels)).to_numpy(zero_copy_only=False)
         truth = np.asarray(labels.to_pylist(), dtype=object)[valid]
         metrics.update(score(truth.astype(str), clusters[valid]))
+    metrics.update(results or {})
     if history:
         metrics["epochs"] = history
     return metrics

@@ -40,6 +40,7 @@ class RunPaths:
         self.rejects = root.join("rejects")
         self.metrics = root.join("metrics.json")
         self.history = root.join("history.json")
+        self.results = root.join("results.json")  # a method's own tables (multiview's views)
         self.outliers = root.join("outliers.json")
         self.report = root.join("report.html")
         self.server_state = root.join("checkpoints", "centroid_server_state.npz")
@@ -54,6 +55,8 @@ class TrainedModel:
     arch: dict[str, Any]  # model/model.json: how to rebuild the model and feed it images
     centroids: np.ndarray  # (k, d) float32
     history: list[dict[str, Any]] = field(default_factory=list)
+    # The method's own results, JSON-able, merged into metrics.json (multiview: "views").
+    results: dict[str, Any] = field(default_factory=dict)
 
 
 def model_fingerprint(trained: TrainedModel) -> str:
@@ -78,6 +81,8 @@ def save_trained(cfg: Config, trained: TrainedModel, paths: RunPaths) -> None:
             "method": cfg.method, "backbone": cfg.model.backbone}
     fsx.write_bytes_atomic(paths.centroids_json, json.dumps(meta, indent=2).encode())
     fsx.write_bytes_atomic(paths.history, json.dumps(trained.history, indent=2).encode())
+    if trained.results:
+        fsx.write_bytes_atomic(paths.results, json.dumps(trained.results, indent=2).encode())
     staging = staging_for(paths.model)
     fsx.make_dirs(staging)
     fsx.write_bytes_atomic(staging.join("model.safetensors"), trained.model_bytes)
@@ -91,7 +96,8 @@ def load_trained(paths: RunPaths) -> TrainedModel:
     arch = json.loads(fsx.read_bytes(paths.model.join("model.json")))
     centroids = np.load(io.BytesIO(fsx.read_bytes(paths.centroids)), allow_pickle=False)
     history = json.loads(fsx.read_bytes(paths.history)) if fsx.exists(paths.history) else []
-    return TrainedModel(model_bytes, arch, centroids.astype(np.float32), history)
+    results = json.loads(fsx.read_bytes(paths.results)) if fsx.exists(paths.results) else {}
+    return TrainedModel(model_bytes, arch, centroids.astype(np.float32), history, results)
 
 
 def load_run_config(paths: RunPaths, overrides: list[str] | None = None) -> Config:

@@ -57,6 +57,9 @@ def run(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
         log.warning("%s is set but method %s does not use it", key, method.name)
     if cfg.data.input:
         find_shards(cfg.data.input, cfg.s3)  # fail fast, before Ray starts
+    preflight = method.check_fn()
+    if preflight is not None:
+        preflight(cfg)  # the method's own inputs (multiview's views), before any work
     paths = RunPaths(fsx.locate(cfg.data.output, cfg.s3))
     with OutputLock(paths.root, ttl_s=cfg.scale.lease_ttl_s):  # a second writer stops here
         return _run_locked(cfg, paths, overwrite, start)
@@ -84,7 +87,8 @@ def _run_locked(cfg: Config, paths: RunPaths, overwrite: bool, start: float) -> 
 
     write_outlier_thresholds(cfg, paths)
     metrics = evaluate_run(cfg, paths, shards.has_label, trained.history,
-                           wall_s=time.perf_counter() - start, assign_s=assign_s)
+                           wall_s=time.perf_counter() - start, assign_s=assign_s,
+                           results=trained.results)
     fsx.write_bytes_atomic(paths.metrics, json.dumps(metrics, indent=2).encode())
     _report_stage(paths, cfg)
     return metrics

@@ -65,6 +65,7 @@ from pipeline.methods.base import (
     Stage,
     Train,
     TrainResult,
+    array_batches,
     drive,
     seed_step,
     set_lr,
@@ -639,7 +640,7 @@ def stage_loop(cfg: Config, stage: Train, stream: TrainStream, ctx: Context,
     at = _resume(stage.name, program, optimizers, ctx, saved)
     at["executions"] = stream.executions
     program.start(at["epoch"], ctx)
-    join = _Join(stage.join)
+    join = _Join(stage.join if stage.inputs == "images" else {})
     progress = Progress(stage.epochs, enabled=ctx.rank == 0)
     began = time.monotonic()
     local = (stage.batch_size or cfg.train.batch_size) // ctx.world
@@ -648,7 +649,7 @@ def stage_loop(cfg: Config, stage: Train, stream: TrainStream, ctx: Context,
         if stage.lr is not None:
             set_lr(optimizers, stage.lr[epoch])
         t0, seen = time.perf_counter(), 0
-        for i, rows in enumerate(_passes(stream.shard, local, stage.passes, cfg, epoch)):
+        for i, rows in enumerate(_batches(stage, stream, local, cfg, epoch, ctx)):
             if i < at["batch"]:
                 continue
             seed_step(cfg.train.seed, ctx.rank, at["step"])
@@ -660,7 +661,8 @@ def stage_loop(cfg: Config, stage: Train, stream: TrainStream, ctx: Context,
                 _save(ctx, stage.name, program, optimizers, {**at, "epoch": epoch,
                                                              "batch": i + 1})
             progress.step(epoch, i + 1)
-        stream.executions += stage.passes
+        if stage.inputs == "images":
+            stream.executions += stage.passes
         seconds = time.perf_counter() - t0
         parts = {**program.end_epoch(epoch, ctx), **at.pop("resumed", {}),
                  "images_per_s": seen * ctx.world / max(1e-9, seconds), "epoch_s": seconds}
@@ -678,11 +680,18 @@ def stage_loop(cfg: Config, stage: Train, stream: TrainStream, ctx: Context,
                                  None if ctx.centroids is None else ctx.centroids.state())
 
 
-def _passes(shard: Any, batch: int, passes: int, cfg: Config, epoch: int) -> Iterator[Any]:
+def _batches(stage: Train, stream: TrainStream, batch: int, cfg: Config, epoch: int,
+             ctx: Context) -> Iterator[Any]:
+    """This worker's batches of one epoch: of the image stream, or of the joined arrays
+    (``inputs="arrays"``, :func:`~pipeline.methods.base.array_batches`)."""
     from pipeline.distributed.train import epoch_batches_kwargs
 
-    for p in range(passes):
-        yield from shard.iter_batches(batch_size=batch, **epoch_batches_kwargs(cfg, epoch, p))
+    for p in range(stage.passes):
+        if stage.inputs == "arrays":
+            yield from array_batches(stage, ctx.rank, ctx.world, batch, cfg.train.seed, epoch, p)
+        else:
+            yield from stream.shard.iter_batches(batch_size=batch,
+                                                 **epoch_batches_kwargs(cfg, epoch, p))
 
 
 class _Join:

@@ -26,7 +26,9 @@ A method is one module in this package (its algorithm, no Ray), a config section
   (:func:`pipeline.methods.arch.load_model`) without a line outside the method;
 * ``defaults``: its own defaults of shared settings, as (dotted key, value) pairs: a layer
   between the dataclass defaults and everything given (a job's base, a YAML file, flags,
-  ``--set``), so ``--epochs`` still wins (:func:`pipeline.config.resolve`).
+  ``--set``), so ``--epochs`` still wins (:func:`pipeline.config.resolve`);
+* ``check``: optional ``module:function`` ``(cfg) -> None``, a preflight that ``run()`` calls
+  before any work (multiview reads its views: a missing run or misfit weights stop here).
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ class MethodInfo:
     stages: str | None = None  # "module:function" (cfg) -> stage generator (methods.base)
     kinds: tuple[str, ...] = ()  # model kinds that module:build_model builds
     defaults: tuple[tuple[str, Any], ...] = ()  # (dotted key, value) of shared settings
+    check: str | None = None  # "module:function" (cfg) -> None, before any work
+
+    def check_fn(self) -> Callable[..., Any] | None:
+        return load(self.check) if self.check else None
 
     def train_fn(self) -> Callable[..., Any]:
         return load(self.trainer)
@@ -69,11 +75,12 @@ class MethodInfo:
 
 def staged(name: str, paper: str, module: str, reads: tuple[str, ...] = (),
            arch: str | None = None, kinds: tuple[str, ...] = (),
-           defaults: tuple[tuple[str, Any], ...] = ()) -> MethodInfo:
+           defaults: tuple[tuple[str, Any], ...] = (), check: bool = False) -> MethodInfo:
     """The registry line of a method written as stages (:mod:`pipeline.methods.base`):
-    ``module`` defines ``stages(cfg)``; the shared stage runner trains it on Ray."""
+    ``module`` defines ``stages(cfg)`` (and, with ``check``, ``check(cfg)``); the shared
+    stage runner trains it on Ray."""
     return MethodInfo(name, paper, module, STAGE_RUNNER, reads, arch, f"{module}:stages",
-                      kinds, defaults)
+                      kinds, defaults, f"{module}:check" if check else None)
 
 
 # Settings that only some methods use: whole sections (a trailing dot) or single keys.
@@ -108,8 +115,15 @@ REGISTRY: dict[str, MethodInfo] = {
         # ~230 images/s on the 2-core CPU, ~12 min for the whole run, inside issue 15's 15
         # minutes (bench/imc.py); the shared 10 would leave a third of them unused.
         defaults=(("train.epochs", 15),)),
+    "multiview": staged(
+        "multiview", "Guérin et al. 2021", "pipeline.methods.multiview",
+        reads=("multiview.", *_FEATURE_PASSES), kinds=("multiview", "multiview_view"),
+        # train.epochs counts DEC epochs over the feature arrays (cheap: an MLP on n x 64 v
+        # floats), not image epochs; DEC/IDEC train ~200 epochs of MNIST, tol usually stops
+        # earlier.
+        defaults=(("train.epochs", 100),), check=True),
 }
-PLANNED = ("multiview",)  # named in the config's Method type, not built yet
+PLANNED: tuple[str, ...] = ()  # methods named in the design, not built yet
 METHOD_SETTINGS = tuple(dict.fromkeys(key for m in REGISTRY.values() for key in m.reads))
 
 

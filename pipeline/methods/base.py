@@ -25,7 +25,7 @@ collectives are the identity in one process (the pattern of lightly's
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -197,7 +197,12 @@ class Train:
     ``passes`` passes over the stream; ``lr[e]``, when given, is every optimiser's learning
     rate in epoch ``e``. With ``centroids`` (k, d), the runner serves them from a centroid
     server for the stage (``ctx.centroids``), checkpoints its state with the program's and
-    returns its final centroids."""
+    returns its final centroids.
+
+    With ``inputs="arrays"`` the stage trains on the joined arrays alone, not on images:
+    batches hold ``id``, ``label`` and the ``join`` arrays, drawn by :func:`array_batches`
+    (no image is read or decoded; every joined table must hold the same ids). Multiview's
+    fusion network trains so, on the views' features."""
 
     name: str
     epochs: int
@@ -207,6 +212,17 @@ class Train:
     lr: list[float] | None = None
     centroids: np.ndarray | None = None
     batch_size: int | None = None  # the global batch; None = train.batch_size
+    inputs: str = "images"  # "images": the decoded stream; "arrays": the join arrays only
+
+    def rows(self) -> int:
+        """Rows of an ``inputs="arrays"`` stage: its joined tables' ids, the same in each."""
+        tables = list(self.join.values())
+        if self.inputs != "arrays" or not tables:
+            raise ValueError(f"stage {self.name}: inputs='arrays' needs joined arrays")
+        ids = tables[0].ids
+        if any(len(t.ids) != len(ids) or np.any(t.ids != ids) for t in tables[1:]):
+            raise ValueError(f"stage {self.name}: the joined tables hold different ids")
+        return len(ids)
 
 
 @dataclass
@@ -245,14 +261,37 @@ def drive(stages: Stages, runner: Runner) -> Any:
 
 
 def steps_per_epoch(rows: int, stage: Train, batch_size: int) -> int:
-    """Optimiser steps in one epoch of ``stage`` over ``rows`` images: ``stage.passes``
+    """Optimiser steps in one epoch of ``stage`` over ``rows`` images (an ``inputs="arrays"``
+    stage: over its own rows): ``stage.passes``
     passes in global batches of ``stage.batch_size`` (else ``batch_size``, i.e.
     ``train.batch_size``), the last partial batch of each pass dropped.
 
     On W workers the count is the same: each gets an equal split of ⌊rows/W⌋ rows in
     batches of B/W (B is a multiple of W), and ⌊⌊rows/W⌋ / (B/W)⌋ = ⌊rows/B⌋, since the
     largest multiple of W up to ``rows`` is at least any multiple of B up to it."""
+    if stage.inputs == "arrays":
+        rows = stage.rows()
     return rows // (stage.batch_size or batch_size) * stage.passes
+
+
+def array_batches(stage: Train, rank: int, world: int, batch: int, seed: int, epoch: int,
+                  pass_: int) -> Iterator[dict[str, Any]]:
+    """Batches of ``batch`` rows of worker ``rank`` of ``world`` for one pass of an
+    ``inputs="arrays"`` stage: a permutation of the rows keyed by (seed, epoch, pass) split
+    into ``world`` equal shares, the last partial batch dropped. Both runners draw from
+    this, so their orders agree; a resumed stage redraws the same order."""
+    n = stage.rows()
+    table = next(iter(stage.join.values()))
+    order = np.random.default_rng((seed, epoch, pass_)).permutation(n)
+    share = n // world
+    mine = order[rank * share:(rank + 1) * share]
+    for start in range(0, share - batch + 1, batch):
+        rows = np.sort(mine[start:start + batch])
+        out: dict[str, Any] = {"id": table.ids[rows]}
+        if table.labels is not None:
+            out["label"] = table.labels[rows]
+        out.update({name: t.arrays[name][rows] for name, t in stage.join.items()})
+        yield out
 
 
 def set_lr(optimizers: list[torch.optim.Optimizer], lr: float) -> None:

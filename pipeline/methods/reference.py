@@ -9,6 +9,7 @@ to it; it is also the easiest place to debug a new method.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from pipeline.methods.base import (
     PerId,
     Train,
     TrainResult,
+    array_batches,
     drive,
     seed_step,
     set_lr,
@@ -69,27 +71,36 @@ class LocalRunner:
         program = stage.program
         optimizers = program.setup(ctx)
         program.start(0, ctx)
-        joined = self._joined(stage)
+        joined = self._joined(stage) if stage.inputs == "images" else {}
         batch, history, step = stage.batch_size or self.cfg.train.batch_size, [], 0
         for epoch in range(stage.epochs):
             if stage.lr is not None:
                 set_lr(optimizers, stage.lr[epoch])
             t0, seen = time.perf_counter(), 0
             for p in range(stage.passes):
-                order = np.random.default_rng(self.cfg.train.seed + 1000 * epoch + p
-                                              ).permutation(len(self.ids))
-                for start in range(0, len(order) - batch + 1, batch):
-                    rows = order[start:start + batch]
+                for rows in self._batches(stage, joined, batch, epoch, p):
                     seed_step(self.cfg.train.seed, 0, step)
                     step += 1
-                    program.step(to_batch(self._rows(rows, joined), ctx.device), ctx)
-                    seen += len(rows)
+                    program.step(to_batch(rows, ctx.device), ctx)
+                    seen += len(rows["id"])
             seconds = time.perf_counter() - t0
             history.append({"epoch": epoch, **program.end_epoch(epoch, ctx),
                             "images_per_s": seen / max(1e-9, seconds), "epoch_s": seconds})
         state = {k: v.detach().cpu().numpy() for k, v in program.module.state_dict().items()}
         return TrainResult(state, history, [o.state_dict() for o in optimizers],
                            None if store is None else store.centroids.copy())
+
+    def _batches(self, stage: Train, joined: dict[str, np.ndarray], batch: int, epoch: int,
+                 pass_: int) -> Iterator[dict[str, Any]]:
+        """One pass: the images in a seeded permutation, or the arrays of an
+        ``inputs="arrays"`` stage in the Ray runner's order (:func:`array_batches`)."""
+        if stage.inputs == "arrays":
+            yield from array_batches(stage, 0, 1, batch, self.cfg.train.seed, epoch, pass_)
+            return
+        order = np.random.default_rng(self.cfg.train.seed + 1000 * epoch + pass_
+                                      ).permutation(len(self.ids))
+        for start in range(0, len(order) - batch + 1, batch):
+            yield self._rows(order[start:start + batch], joined)
 
     def _joined(self, stage: Train) -> dict[str, np.ndarray]:
         """The stage's per-id arrays, their rows in ``self.ids`` order."""

@@ -65,7 +65,7 @@ def render(data: ReportData, page_size: int, thumb_px: int, legend_cap: int = 50
         f"<h1>{E(title)}</h1>",
         f"<p class=muted>{E(data.run_uri)} · method {E(str(m.get('method', '?')))} · "
         f"k = {len(data.sizes)}</p>",
-        "<h2>Metrics</h2>", metrics_table(m),
+        "<h2>Metrics</h2>", metrics_table(m), *row_tables(m),
         "<h2>Cluster sizes</h2>", histogram_svg(data.sizes),
         "<h2>Training</h2>", curves(data.history),
     ]
@@ -89,15 +89,35 @@ def render(data: ReportData, page_size: int, thumb_px: int, legend_cap: int = 50
 # Tables.
 
 
+def _is_rows(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(r, dict) for r in value)
+
+
 def metrics_table(metrics: dict[str, Any]) -> str:
     rows = []
     for key, value in metrics.items():
-        if key == "epochs":
+        if key == "epochs" or _is_rows(value):
             continue
         if isinstance(value, dict):
             value = ", ".join(f"{k} {_fmt(v)}" for k, v in value.items())
         rows.append(f"<tr><th>{E(key)}</th><td>{E(_fmt(value))}</td></tr>")
     return f"<table id=metrics>{''.join(rows) or '<tr><td>no metrics.json</td></tr>'}</table>"
+
+
+def row_tables(metrics: dict[str, Any]) -> list[str]:
+    """A table per metric that is a list of rows, except the epochs (multiview's ``views``:
+    each view and baseline with its scores)."""
+    out = []
+    for key, rows in metrics.items():
+        if key == "epochs" or not _is_rows(rows):
+            continue
+        columns = list(dict.fromkeys(c for row in rows for c in row))
+        head = "".join(f"<th>{E(c)}</th>" for c in columns)
+        body = "".join("<tr>" + "".join(f"<td>{E(_fmt(row.get(c, '')))}</td>" for c in columns)
+                       + "</tr>" for row in rows)
+        out += [f"<h2>{E(key.capitalize())}</h2>",
+                f"<table id={E(key)}><tr>{head}</tr>{body}</table>"]
+    return out
 
 
 def _fmt(value: Any) -> str:

@@ -10,26 +10,28 @@ from pipeline import methods
 from pipeline.config import Config, ConfigError, resolve
 
 
-def test_config_validation_refuses_an_unbuilt_method_with_the_choices():
-    with pytest.raises(ConfigError, match=r"method: 'multiview' is not implemented yet; "
-                                          r"available: online, deepcluster, depict, imc"):
+def test_config_validation_refuses_multiview_without_views():
+    with pytest.raises(ConfigError, match=r"multiview.views: --method multiview needs at least "
+                                          r"one view"):
         resolve(Config, overrides=["method=multiview"])
 
 
 def test_the_cli_refuses_it_before_any_work():
     import jobs.cluster_imagenet as job
 
-    with pytest.raises(ConfigError, match="available: online, deepcluster"):
+    with pytest.raises(ConfigError, match="multiview.views"):
         job.load_config(job.parse_args(["--method", "multiview"]))
 
 
 def test_run_refuses_a_config_built_without_validation(tmp_path):
-    """``run()`` itself checks: a Config made in code never trains another method silently."""
+    """``run()`` itself checks (the method's preflight): a Config made in code with a view
+    that does not exist stops before any output is written."""
     from pipeline.run import run
 
-    cfg = Config(method="multiview")  # type: ignore[arg-type]
+    cfg = Config(method="multiview")
+    cfg.multiview.views = [str(tmp_path / "no-such-run")]
     cfg.data.output = str(tmp_path / "out")
-    with pytest.raises(ConfigError, match="'multiview' is not implemented yet"):
+    with pytest.raises(ConfigError, match="no-such-run.*neither a finished run"):
         run(cfg)
     assert not (tmp_path / "out").exists()
 

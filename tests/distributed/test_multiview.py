@@ -1,0 +1,136 @@
+"""multiview on Ray, end to end on the embedded digits with two views (a finished run of
+ours and a torchvision architecture): the main job with 2 workers (one killed in a fusion
+stage), the assign job, the report, per-view resume, and the reference runner's agreement."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import Config, resolve
+from pipeline.data.fs import locate
+from pipeline.distributed.runner import load_per_id
+from pipeline.methods import multiview as mv
+from tests.test_cluster_job import SMALL, digits_shards  # noqa: F401  (fixture)
+
+FUSION = ["method=multiview", "cluster.k=10", "data.image_size=16", "multiview.batch_size=64",
+          "multiview.pretrain_epochs=4", "train.epochs=4", "scale.cpus_per_worker=0.5",
+          "scale.checkpoint_every_steps=8", "report.sample_rows=2000", "report.map_points=300"]
+
+
+def by_id(folder: str) -> dict[str, int]:
+    table = pq.read_table(folder, columns=["id", "cluster"])
+    ids, clusters = table["id"].to_pylist(), table["cluster"].to_pylist()
+    assert len(ids) == len(set(ids))  # each image once
+    return dict(zip(ids, clusters, strict=True))
+
+
+@pytest.fixture(scope="module")
+def view_run(digits_shards, tmp_path_factory):  # noqa: F811
+    """A finished online run on the digits: the first view."""
+    from pipeline.run import run
+
+    out = str(tmp_path_factory.mktemp("view") / "online")
+    run(resolve(Config, None, [*SMALL, "train.epochs=1", "train.warmup_epochs=0"],
+                {"data.input": digits_shards, "data.output": out}))
+    return out
+
+
+def multiview_cfg(shards: str, out: str, views: list[str], *extra: str) -> Config:
+    cfg: Config = resolve(Config, overrides=[*FUSION, f"multiview.views={json.dumps(views)}",
+                                             *extra],
+                          flags={"data.input": shards, "data.output": out})
+    return cfg
+
+
+def training_clusters(out: str, trained_model: Path) -> dict[str, int]:
+    """The method's clusters as training left them: the saved whitened views through the
+    exported fusion network, nearest centroid (argmax q)."""
+    from safetensors.torch import load as st_load
+
+    views = [load_per_id(locate(str(p))) for p in sorted(Path(out, "stages").glob("view-*.npz"))]
+    table = mv.combine(views)
+    arch = json.loads(Path(trained_model, "model.json").read_text())
+    net = mv.FusionNet(arch["fusion"])
+    state = st_load(Path(trained_model, "model.safetensors").read_bytes())
+    net.load_state_dict({k.removeprefix("fusion."): v for k, v in state.items()
+                         if k.startswith("fusion.")})
+    q = mv.soft_assign(net, mv.fused(net, table))
+    return dict(zip(table.ids.tolist(), q.argmax(axis=1).tolist(), strict=True))
+
+
+def test_multiview_job_assign_job_report_and_resume(digits_shards, view_run, tmp_path):  # noqa: F811
+    from pipeline.assign_job import assign_job
+    from pipeline.run import run
+
+    out = str(tmp_path / "run")
+    views = [view_run, "resnet18#size=16"]
+    cfg = multiview_cfg(digits_shards, out, views, "scale.workers=2",
+                        "debug.kill_worker_at_step=30")
+    metrics = run(cfg)
+    assert os.path.exists(os.path.join(out, "checkpoints", "_fault-worker"))  # it was killed
+    assert metrics["method"] == "multiview" and metrics["n_images"] == 1797
+    rows = {r["view"]: r for r in metrics["views"]}
+    assert set(rows) == {"online", "resnet18", "concatenation", "co-association", "multiview"}
+    assert all({"nmi", "acc", "ari"} <= set(r) for r in rows.values())
+    assert rows["online"]["weight"] > 0 and rows["resnet18"]["weight"] > 0
+    history = metrics["epochs"]
+    # 1,797 // 64 = 28 steps an epoch: the kill at step 30 is in the second pretrain epoch
+    assert history[0]["stage"] == "pretrain" and history[0]["resumed_from_step"] in (8, 16, 24, 28)
+    assert metrics["cluster_sizes"]["empty"] == 0
+
+    # the assignments are the method's clusters, and so are the assign job's
+    method = training_clusters(out, Path(out, "model"))
+    assert by_id(os.path.join(out, "assignments")) == method
+    assert metrics["nmi"] == pytest.approx(rows["multiview"]["nmi"], abs=1e-4)
+    assign_job(out, digits_shards, str(tmp_path / "assigned"))
+    assert by_id(str(tmp_path / "assigned")) == method
+    report = Path(out, "report.html").read_text()
+    assert "<table id=views>" in report and "co-association" in report
+
+    # per-view resume: with only view 0's pass left, a re-run recomputes view 1 alone
+    first = Path(out, "stages", "view-00-online.npz")
+    mtime = first.stat().st_mtime_ns
+    for path in Path(out).iterdir():
+        if path.name not in ("stages", "run.json", "config.yaml", ".lock"):
+            _remove(path)
+    for path in Path(out, "stages").iterdir():
+        if path != first:
+            _remove(path)
+    again = run(multiview_cfg(digits_shards, out, views, "scale.workers=2"))
+    assert first.stat().st_mtime_ns == mtime and Path(out, "stages", "view-01-resnet18.npz").exists()
+    assert again["views"][:2] == [{**r, "embed_s": again["views"][i]["embed_s"]}
+                                  for i, r in enumerate(metrics["views"][:2])]
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def test_ray_and_reference_runner_agree(digits_shards, view_run, tmp_path):  # noqa: F811
+    """One worker, the same views: the Ray run's fusion (arrays drawn by the same
+    permutation, Train(inputs="arrays")) ends where the reference runner's does."""
+    from pipeline.methods.reference import run_reference
+    from pipeline.run import run
+
+    out = str(tmp_path / "run")
+    cfg = multiview_cfg(digits_shards, out, [view_run, "noise:16"], "train.deterministic=true")
+    ray_metrics = run(cfg)
+    ref = run_reference(cfg, digits_shards)
+    ray_rows = {r["view"]: r for r in ray_metrics["views"]}
+    ref_rows = {r["view"]: r for r in ref.results["views"]}
+    assert ray_rows["noise16"]["weight"] == ref_rows["noise16"]["weight"] == 0
+    for name in ray_rows:
+        assert ray_rows[name]["nmi"] == pytest.approx(ref_rows[name]["nmi"], abs=0.01), name
+    np.testing.assert_allclose(np.load(os.path.join(out, "centroids.npy")), ref.centroids,
+                               atol=2e-3)
