@@ -14,7 +14,11 @@ the main job) plus a randomly initialised ResNet-18 (``resnet18#size=64``: 64 px
 * ``multiview`` over those views: ``metrics.json``'s ``views`` table (each view's k-means on
   its PCA-whitened features, their concatenation, the co-association ensemble, multiview);
 * the same plus a pure-noise view (``noise:64``), reusing the first run's feature passes
-  (the view stages are copied: the robustness check compares the fusion, not re-embeds).
+  (the view stages are copied: the robustness check compares the fusion, not re-embeds);
+* an ablation of ``multiview.weighting`` (gap, gated, uniform) and ``multiview.init``
+  (concat, embedding): the fusion replayed in this process on the first run's saved view
+  passes (the same stage generator; the reference runner's training loop), one setting
+  changed at a time.
 
 Per dataset: raw-pixel k-means (scikit-learn, k = 10, 10 restarts), each view run's own
 scores, the table, the costs (each view's pass seconds, the fusion training seconds, the
@@ -99,6 +103,52 @@ def multiview_run(shards: str, out: Path, views: list[str], given: list[str],
     return row
 
 
+ABLATION = {"weighting": ("gap", "gated", "uniform"), "init": ("concat", "embedding")}
+
+
+def ablation(run: Path) -> list[dict[str, Any]]:
+    """The fusion replayed in this process on ``run``'s saved view passes (the same stage
+    generator, the reference runner's training loop; no image is read), once per setting
+    of :data:`ABLATION` with everything else at the run's config -> a row per variant."""
+    import yaml
+
+    from pipeline.config import Config, resolve
+
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    rows = []
+    for key, values in ABLATION.items():
+        for value in values:
+            cfg = resolve(Config, overrides=[f"multiview.{key}={value}"], loaded=saved)
+            table = replay_fusion(cfg, run)
+            final = table[-1]
+            rows.append({key: value, "nmi": final["nmi"], "acc": final["acc"],
+                         "ari": final["ari"]})
+            print(f"  ablation multiview.{key}={value}: NMI {final['nmi']:.3f}", flush=True)
+    return rows
+
+
+def replay_fusion(cfg: Any, run: Path) -> list[dict[str, Any]]:
+    """multiview's ``views`` rows for ``cfg`` with the view passes read from ``run``."""
+    import numpy as np
+
+    from pipeline.data.fs import locate
+    from pipeline.distributed.runner import load_per_id
+    from pipeline.methods import multiview as mv
+    from pipeline.methods.base import drive
+    from pipeline.methods.reference import LocalRunner
+
+    class Replay(LocalRunner):
+        def __init__(self) -> None:  # no input to decode: the fusion trains on arrays
+            self.cfg, self.ids = cfg, np.array([], str)
+
+    specs = [mv.parse_view(entry) for entry in cfg.multiview.views]
+    names = mv.view_names(specs)
+    views = [load_per_id(locate(str(run / "stages" / f"view-{v:02d}-{name}.npz")))
+             for v, name in enumerate(names)]
+    _, _, rows = drive(mv.fusion_stages(cfg, views, names, specs), Replay())
+    return rows  # type: ignore[no-any-return]
+
+
 def dataset_rows(dataset: str, n: int, budget: float, methods: tuple[str, ...],
                  reuse: bool) -> dict[str, Any]:
     shards, raw, labels = (mnist_shards if dataset == "mnist" else cifar_shards)(n)
@@ -113,6 +163,7 @@ def dataset_rows(dataset: str, n: int, budget: float, methods: tuple[str, ...],
     row["with_noise"] = multiview_run(shards, base.with_name(base.name + "-noise"),
                                       views + [NOISE_VIEW], given, reuse_from=base)
     row["noise_shift"] = round(abs(row["with_noise"]["nmi"] - row["multiview"]["nmi"]), 4)
+    row["ablation"] = ablation(base)
     return row
 
 

@@ -334,6 +334,7 @@ class FusionNet(nn.Module):
 
     def __init__(self, arch: dict[str, Any]):
         super().__init__()
+        self.arch = arch
         d, p, h, e = arch["in_dims"], arch["dims"], arch["hidden"], arch["embed_dim"]
         self.alpha = float(arch["alpha"])
         self.encoders = nn.ModuleList(_mlp(pv, h, e) for pv in p)
@@ -652,29 +653,39 @@ def _scores(facts: dict[str, Any]) -> dict[str, float]:
 
 
 def stages(cfg: Config) -> Stages:
-    """The view passes, the baselines, the fusion pretraining, k-means on z, then DEC
-    rounds (module docstring)."""
+    """The view passes, then the fusion (:func:`fusion_stages`), then the export (module
+    docstring)."""
     from pipeline.models.weights import save_bytes
     from pipeline.progress import figures, say
 
     specs = [parse_view(entry) for entry in cfg.multiview.views]
-    names, mv, seed = view_names(specs), cfg.multiview, cfg.train.seed
+    names = view_names(specs)
     nets, archs, views = [], [], []
     for v, (spec, name) in enumerate(zip(specs, names, strict=True)):
         net, arch = resolve_view(spec, cfg)
         found = yield Embed(f"view-{v:02d}-{name}", save_bytes(net), arch,
-                            reduce=view_reduce(cfg, seed))
+                            reduce=view_reduce(cfg, cfg.train.seed))
         say(f"multiview view {name}{figures(found.facts)}")
         nets.append(net)
         archs.append(arch)
         views.append(found)
+    fusion, history, rows = yield from fusion_stages(cfg, views, names, specs)
+    return export(cfg, archs, nets, fusion, history, rows)
+
+
+def fusion_stages(cfg: Config, views: list[PerId], names: list[str], specs: list[ViewSpec]
+                  ) -> Stages:
+    """Given the view passes: the baselines, the fusion pretraining, DEC's start, then DEC
+    rounds -> (the trained :class:`FusionNet`, the history, the ``views`` rows)."""
+    from pipeline.progress import figures, say
+
+    mv, seed = cfg.multiview, cfg.train.seed
     table = combine(views)
     weights = view_weights([view.facts["gap"] for view in views], mv.weighting, mv.min_gap)
     rows = baselines(cfg, names, specs, views, table, weights)
     torch.manual_seed(seed)
-    f_arch = fusion_arch(cfg, [view.extra["mean"].shape[0] for view in views],
-                         [view.extra["proj"].shape[1] for view in views], weights)
-    net = FusionNet(f_arch)
+    net = FusionNet(fusion_arch(cfg, [view.extra["mean"].shape[0] for view in views],
+                                [view.extra["proj"].shape[1] for view in views], weights))
     _set_whitening(net, views)
     joins = {f"x{v}": table for v in range(len(views))}
     started, history = time.monotonic(), []
@@ -717,7 +728,7 @@ def stages(cfg: Config) -> Stages:
             break
     rows.append({"view": "multiview", "dim": mv.embed_dim,
                  **_scores(cluster_scores(table.labels, q.argmax(axis=1)))})
-    return export(cfg, archs, nets, f_arch, net, history, rows)
+    return net, history, rows
 
 
 def weighted_concatenation(table: PerId, weights: list[float]) -> np.ndarray:
@@ -786,14 +797,14 @@ def multiview_arch(cfg: Config, view_archs: list[dict[str, Any]], f_arch: dict[s
 
 
 def export(cfg: Config, view_archs: list[dict[str, Any]], view_nets: list[nn.Module],
-           f_arch: dict[str, Any], net: FusionNet, history: list[dict[str, Any]],
-           rows: list[dict[str, Any]]) -> TrainedModel:
+           net: FusionNet, history: list[dict[str, Any]], rows: list[dict[str, Any]]
+           ) -> TrainedModel:
     """The composite :class:`MultiviewNet` (images -> z) and μ as centroids: the nearest
     centroid is argmax q, the method's cluster."""
     from pipeline.models.weights import save_bytes
     from pipeline.outputs import TrainedModel
 
-    arch = multiview_arch(cfg, view_archs, f_arch)
+    arch = multiview_arch(cfg, view_archs, net.arch)
     model = MultiviewNet(arch)
     for view, trained in zip(model.views, view_nets, strict=True):
         view.load_state_dict(trained.state_dict())

@@ -236,3 +236,24 @@ def test_the_reference_runner_fuses_views_of_the_digits(tmp_path):
     assert trained.centroids.shape == (10, cfg.multiview.embed_dim)
     assert nmi(np.asarray(local.labels), clusters.numpy()) == pytest.approx(
         rows["multiview"]["nmi"], abs=0.01)
+
+
+def test_weights_and_runs_come_from_s3(s3_bucket):
+    """ARCH:s3://… weights through the same S3 client as the data (a real endpoint)."""
+    import boto3
+
+    bucket, s3 = s3_bucket
+    state = zoo.build("resnet18").state_dict()
+    client = boto3.client("s3", endpoint_url=s3.endpoint_url, region_name=s3.region)
+    client.put_object(Bucket=bucket, Key="w/r18.safetensors", Body=st_save(state))
+    cfg = cfg_with(["x"])
+    cfg.s3 = s3
+    net, _ = mv.resolve_view(mv.parse_view(f"resnet18:s3://{bucket}/w/r18.safetensors"), cfg)
+    assert torch.equal(net.extractor.conv1.weight, state["conv1.weight"])
+    with pytest.raises(ConfigError, match=f"s3://{bucket}/runs/none.*neither a finished run"):
+        mv.check(_with_s3(cfg_with([f"s3://{bucket}/runs/none"]), s3))
+
+
+def _with_s3(cfg: Config, s3) -> Config:
+    cfg.s3 = s3
+    return cfg

@@ -129,3 +129,29 @@ def test_reference_and_ray_runner_agree(tiny, digits_shards, tmp_path):  # noqa:
     assert [h["steps_per_epoch"] for h in ref.history] == [3] * 4
     assert {h["images"] for h in history + ref.history} == {3 * 599}
     assert metrics["nmi"] > 0.1  # random CNN features carry some digit identity (~0.19)
+
+
+def test_array_batches_split_one_seeded_order_over_the_workers():
+    """An ``inputs="arrays"`` stage: every worker draws from one permutation per (seed,
+    epoch, pass), in equal shares, each row at most once, as many steps as
+    steps_per_epoch says; the same call gives the same batches (a resume replays them)."""
+    from pipeline.methods.base import array_batches
+
+    ids = np.array([f"{i:03d}" for i in range(103)])
+    table = PerId(ids, {"x": np.arange(103, dtype=np.float32)[:, None]}, ids.copy())
+    stage = Train("t", 1, None, join={"x": table}, inputs="arrays", batch_size=20)  # type: ignore[arg-type]
+    one = [b["id"] for b in array_batches(stage, 0, 1, 20, 0, 0, 0)]
+    assert len(one) == steps_per_epoch(0, stage, 256) == 5
+    two = [list(array_batches(stage, r, 2, 10, 0, 0, 0)) for r in range(2)]
+    assert len(two[0]) == len(two[1]) == 5  # (103 // 2) // 10
+    rows = np.concatenate([b["id"] for part in two for b in part])
+    assert len(rows) == len(set(rows)) == 100
+    assert all(np.array_equal(b["x"][:, 0].astype(int), b["id"].astype(int)) for b in two[0])
+    assert all(np.array_equal(b["label"], b["id"]) for b in two[1])
+    again = [b["id"] for b in array_batches(stage, 0, 1, 20, 0, 0, 0)]
+    assert all(np.array_equal(a, b) for a, b in zip(one, again, strict=True))
+    other = [b["id"] for b in array_batches(stage, 0, 1, 20, 0, 1, 0)]
+    assert not all(np.array_equal(a, b) for a, b in zip(one, other, strict=True))
+    with pytest.raises(ValueError, match="different ids"):
+        Train("t", 1, None, join={"x": table, "y": PerId(ids[:5], {"y": ids[:5]})},  # type: ignore[arg-type]
+              inputs="arrays").rows()
