@@ -65,3 +65,13 @@ def fresh_run(shards: str, out: Path, settings: list[str],
     start = time.perf_counter()
     metrics = run(cfg)
     return cfg, metrics, round(time.perf_counter() - start, 1)
+
+
+def if_present(make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``make()``, or ``{"skipped": reason}`` when it needs a shared dataset that is absent
+    (:func:`need`)."""
+    try:
+        return make()
+    except SystemExit as absent:
+        print(absent, flush=True)
+        return {"skipped": str(absent)}

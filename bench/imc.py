@@ -44,7 +44,7 @@ import argparse
 import os
 from typing import Any
 
-from bench.common import REPO, fresh_run, write_result
+from bench.common import REPO, fresh_run, if_present, write_result
 from bench.deepcluster import cifar_shards, mnist_shards, raw_pixel_kmeans
 
 WORK = REPO / "work" / "bench" / "imc"
@@ -149,13 +149,9 @@ def main(argv: list[str]) -> int:
                                 ("online",))
     if not (args.quick or args.no_cifar):
         epochs = [f"train.epochs={args.cifar_epochs}"] if args.cifar_epochs else []
-        try:
-            results["cifar10"] = dataset_rows(
-                "cifar10", 10_000, [*epochs, f"train.time_budget_s={args.cifar_budget}"],
-                ("online", "deepcluster"))
-        except SystemExit as absent:  # bench.common.need: the dataset is not here
-            print(absent, flush=True)
-            results["cifar10"] = {"skipped": str(absent)}
+        results["cifar10"] = if_present(lambda: dataset_rows(
+            "cifar10", 10_000, [*epochs, f"train.time_budget_s={args.cifar_budget}"],
+            ("online", "deepcluster")))
     head = headline(key, results)
     path = write_result("imc" + ("-quick" if args.quick else ""), head,
                         {"datasets": results, "quick": args.quick})

@@ -37,7 +37,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, fresh_run, write_result
+from bench.common import REPO, fresh_run, if_present, write_result
 from bench.deepcluster import cifar_shards, mnist_shards, raw_pixel_kmeans
 from bench.imc import INPUTS
 
@@ -90,7 +90,7 @@ def multiview_run(shards: str, out: Path, views: list[str], given: list[str],
                    if r.get("stage") in ("pretrain", "joint"))
     n = metrics["n_images"]
     raw_dims = sum(r["dim"] for r in singles)
-    stored = sum(np.load(f)["arrays/feature"].shape[1] for f in sorted(stages.glob("view-*.npz")))
+    stored = sum(np.load(f)["a/feature"].shape[1] for f in sorted(stages.glob("view-*.npz")))
     row = {"nmi": round(metrics["nmi"], 4), "acc": round(metrics["acc"], 4),
            "ari": round(metrics["ari"], 4), "wall_s": wall, "views": table,
            "best_single": max(r["nmi"] for r in singles),
@@ -200,13 +200,9 @@ def main(argv: list[str]) -> int:
         results[key] = dataset_rows("mnist", 10_000, args.view_budget, VIEW_METHODS,
                                     args.reuse_views)
         if not args.no_cifar:
-            try:
-                results["cifar10"] = dataset_rows("cifar10", 10_000, args.view_budget,
-                                                  VIEW_METHODS, args.reuse_views)
-                key = "cifar10"
-            except SystemExit as absent:  # bench.common.need: the dataset is not here
-                print(absent, flush=True)
-                results["cifar10"] = {"skipped": str(absent)}
+            results["cifar10"] = if_present(lambda: dataset_rows(
+                "cifar10", 10_000, args.view_budget, VIEW_METHODS, args.reuse_views))
+            key = "cifar10" if "skipped" not in results["cifar10"] else key
     head = headline(key, results)
     path = write_result("multiview" + ("-quick" if args.quick else ""), head,
                         {"datasets": results, "quick": args.quick})

@@ -134,6 +134,25 @@ class Hooks:
         pass
 
 
+class EpochMeans:
+    """A program's per-step figures averaged over an epoch: ``add`` each step's, ``pop`` the
+    means at the epoch's end (and start over)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+
+    def add(self, parts: dict[str, float]) -> None:
+        for key, value in parts.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.steps += 1
+
+    def pop(self) -> dict[str, float]:
+        out = {key: value / max(1, self.steps) for key, value in self.sums.items()}
+        self.sums, self.steps = {}, 0
+        return out
+
+
 class Shards(Protocol):
     """Objects each holding one part of an array, whose methods the driver calls: in this
     process, or on Ray actors in parallel (faiss ``contrib/clustering.py``'s pattern)."""
@@ -292,6 +311,13 @@ def array_batches(stage: Train, rank: int, world: int, batch: int, seed: int, ep
             out["label"] = table.labels[rows]
         out.update({name: t.arrays[name][rows] for name, t in stage.join.items()})
         yield out
+
+
+def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One gradient step of ``optimizer`` on ``loss``."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
 
 
 def set_lr(optimizers: list[torch.optim.Optimizer], lr: float) -> None:

@@ -67,7 +67,17 @@ from torch import nn
 from pipeline.data.augment import AugmentSpec, augment
 from pipeline.kmeans.shards import kmeans_features
 from pipeline.methods.argmax import cluster_scores, probs_export, softmax, split_empty_heads
-from pipeline.methods.base import Context, Embed, Hooks, PerId, Scatter, Stages, Train
+from pipeline.methods.base import (
+    Context,
+    Embed,
+    EpochMeans,
+    Hooks,
+    PerId,
+    Scatter,
+    Stages,
+    Train,
+    descend,
+)
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -297,8 +307,7 @@ class Autoencoder(Hooks):
                  optimizer_state: dict[str, Any] | None = None):
         self.cfg, self.net, self.joint, self.optimizer_state = cfg, net, joint, optimizer_state
         self.module: nn.Module = net
-        self.sums: dict[str, float] = {}
-        self.steps = 0
+        self.means = EpochMeans()
 
     def setup(self, ctx: Context) -> list[torch.optim.Optimizer]:
         net, t = self.net.to(ctx.device), self.cfg.train
@@ -322,18 +331,12 @@ class Autoencoder(Hooks):
             clustering = -(q * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
             loss = self.cfg.depict.reconstruction_weight * reconstruction + clustering
             parts["clustering"] = clustering.item()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        for key, value in parts.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
-        self.steps += 1
+        descend(self.optimizer, loss)
+        self.means.add(parts)
         return {}
 
     def end_epoch(self, epoch: int, ctx: Context) -> dict[str, float]:
-        out = {key: value / max(1, self.steps) for key, value in self.sums.items()}
-        self.sums, self.steps = {}, 0
-        return out
+        return self.means.pop()
 
 
 # ------------------------------------------------------------------------------------------

@@ -68,7 +68,17 @@ from torch import nn
 from pipeline.errors import ConfigError
 from pipeline.kmeans.shards import kmeans_features
 from pipeline.methods.argmax import cluster_scores
-from pipeline.methods.base import Context, Embed, Hooks, PerId, Scatter, Stages, Train
+from pipeline.methods.base import (
+    Context,
+    Embed,
+    EpochMeans,
+    Hooks,
+    PerId,
+    Scatter,
+    Stages,
+    Train,
+    descend,
+)
 from pipeline.models import zoo
 
 if TYPE_CHECKING:
@@ -526,8 +536,7 @@ class FusionTrainer(Hooks):
                  optimizer_state: dict[str, Any] | None = None):
         self.cfg, self.net, self.joint, self.optimizer_state = cfg, net, joint, optimizer_state
         self.module: nn.Module = net
-        self.sums: dict[str, float] = {}
-        self.steps = 0
+        self.means = EpochMeans()
 
     def setup(self, ctx: Context) -> list[torch.optim.Optimizer]:
         net = self.net.to(ctx.device)
@@ -551,18 +560,12 @@ class FusionTrainer(Hooks):
             kl = kl_loss(batch["target"].float(), q)
             loss = reconstruction + self.cfg.multiview.cluster_weight * kl
             parts["kl"] = kl.item()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        for key, value in parts.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
-        self.steps += 1
+        descend(self.optimizer, loss)
+        self.means.add(parts)
         return {}
 
     def end_epoch(self, epoch: int, ctx: Context) -> dict[str, float]:
-        out = {key: value / max(1, self.steps) for key, value in self.sums.items()}
-        self.sums, self.steps = {}, 0
-        return out
+        return self.means.pop()
 
 
 # ------------------------------------------------------------------------------------------

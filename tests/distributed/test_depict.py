@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from pipeline.config import Config, resolve
 from pipeline.data.fs import locate
@@ -18,19 +17,13 @@ from pipeline.methods.base import Embed
 from pipeline.methods.depict import DepictNet, depict_arch, softmax, targets
 from pipeline.methods.reference import LocalRunner
 from pipeline.models.weights import save_bytes
+from tests.distributed import clusters_by_id as by_id
 from tests.test_cluster_job import digits_shards  # noqa: F401  (fixture)
 
 SETTINGS = ["method=depict", "cluster.k=10", "data.image_size=16", "train.epochs=1",
             "depict.pretrain_epochs=1", "train.batch_size=64", "scale.workers=2",
             "scale.cpus_per_worker=0.5", "scale.checkpoint_every_steps=8",
             "report.sample_rows=2000", "report.map_points=300"]
-
-
-def by_id(folder: str) -> dict[str, int]:
-    table = pq.read_table(folder, columns=["id", "cluster"])
-    ids, clusters = table["id"].to_pylist(), table["cluster"].to_pylist()
-    assert len(ids) == len(set(ids))  # each image once
-    return dict(zip(ids, clusters, strict=True))
 
 
 def test_depict_job_assign_job_and_report(digits_shards, tmp_path):  # noqa: F811

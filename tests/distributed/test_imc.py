@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load as st_load
 
@@ -18,19 +17,13 @@ from pipeline.methods.imc import ImcNet, imc_arch
 from pipeline.methods.reference import LocalRunner
 from pipeline.models.weights import save_bytes
 from pipeline.outputs import RunPaths, load_trained
+from tests.distributed import clusters_by_id as by_id
 from tests.test_cluster_job import digits_shards  # noqa: F401  (fixture)
 
 SETTINGS = ["method=imc", "cluster.k=10", "data.image_size=16", "train.epochs=2",
             "train.batch_size=128", "model.width=16", "imc.prototypes=100",
             "imc.head_hidden=128", "scale.workers=2",
             "scale.cpus_per_worker=0.5", "report.sample_rows=2000", "report.map_points=300"]
-
-
-def by_id(folder: str) -> dict[str, int]:
-    table = pq.read_table(folder, columns=["id", "cluster"])
-    ids, clusters = table["id"].to_pylist(), table["cluster"].to_pylist()
-    assert len(ids) == len(set(ids))  # each image once
-    return dict(zip(ids, clusters, strict=True))
 
 
 def head_argmax(cfg: Config, out: str, input_uri: str) -> dict[str, int]:

@@ -9,25 +9,18 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import Config, resolve
 from pipeline.data.fs import locate
 from pipeline.distributed.runner import load_per_id
 from pipeline.methods import multiview as mv
+from tests.distributed import clusters_by_id as by_id
 from tests.test_cluster_job import SMALL, digits_shards  # noqa: F401  (fixture)
 
 FUSION = ["method=multiview", "cluster.k=10", "data.image_size=16", "multiview.batch_size=64",
           "multiview.pretrain_epochs=4", "train.epochs=4", "scale.cpus_per_worker=0.5",
           "scale.checkpoint_every_steps=8", "report.sample_rows=2000", "report.map_points=300"]
-
-
-def by_id(folder: str) -> dict[str, int]:
-    table = pq.read_table(folder, columns=["id", "cluster"])
-    ids, clusters = table["id"].to_pylist(), table["cluster"].to_pylist()
-    assert len(ids) == len(set(ids))  # each image once
-    return dict(zip(ids, clusters, strict=True))
 
 
 @pytest.fixture(scope="module")
