@@ -330,7 +330,8 @@ def fusion_arch(cfg: Config, in_dims: list[int], dims: list[int], weights: list[
                 ) -> dict[str, Any]:
     mv = cfg.multiview
     return {"in_dims": in_dims, "dims": dims, "weights": weights, "hidden": mv.hidden,
-            "embed_dim": mv.embed_dim, "k": cfg.cluster.k, "alpha": mv.alpha}
+            "embed_dim": mv.embed_dim, "k": cfg.cluster.k, "alpha": mv.alpha,
+            "seed": cfg.train.seed}
 
 
 def _mlp(a: int, h: int, b: int) -> nn.Sequential:
@@ -347,8 +348,12 @@ class FusionNet(nn.Module):
         self.arch = arch
         d, p, h, e = arch["in_dims"], arch["dims"], arch["hidden"], arch["embed_dim"]
         self.alpha = float(arch["alpha"])
-        self.encoders = nn.ModuleList(_mlp(pv, h, e) for pv in p)
-        self.decoders = nn.ModuleList(_mlp(e, h, pv) for pv in p)
+        self.encoders, self.decoders = nn.ModuleList(), nn.ModuleList()
+        for v, pv in enumerate(p):  # each view's branch from its own seed: adding a view
+            with torch.random.fork_rng():  # leaves the others' initial weights as they were
+                torch.manual_seed(int(arch.get("seed", 0)) * 1009 + v)
+                self.encoders.append(_mlp(pv, h, e))
+                self.decoders.append(_mlp(e, h, pv))
         self.mu = nn.Parameter(torch.zeros(arch["k"], e))
         self.view_w: torch.Tensor
         self.register_buffer("view_w", torch.tensor(arch["weights"], dtype=torch.float32))
@@ -682,11 +687,10 @@ def fusion_stages(cfg: Config, views: list[PerId], names: list[str], specs: list
     rounds -> (the trained :class:`FusionNet`, the history, the ``views`` rows)."""
     from pipeline.progress import figures, say
 
-    mv, seed = cfg.multiview, cfg.train.seed
+    mv = cfg.multiview
     table = combine(views)
     weights = view_weights([view.facts["gap"] for view in views], mv.weighting, mv.min_gap)
     rows = baselines(cfg, names, specs, views, table, weights)
-    torch.manual_seed(seed)
     net = FusionNet(fusion_arch(cfg, [view.extra["mean"].shape[0] for view in views],
                                 [view.extra["proj"].shape[1] for view in views], weights))
     _set_whitening(net, views)

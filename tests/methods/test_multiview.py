@@ -207,6 +207,14 @@ def test_fusion_net_shapes_and_whitening():
     assert z.shape == (8, 4) and [x.shape for x in xs] == [(8, 6), (8, 3)]
     assert net.reconstruction(z, xs).shape == ()
     assert mv.student_t(z, net.mu).shape == (8, 3)
+    # adding a view leaves the other branches' initial weights as they were
+    more = mv.FusionNet({**arch, "in_dims": [12, 5, 7], "dims": [6, 3, 2],
+                         "weights": [0.7, 0.3, 0.0]})
+    for v in range(2):
+        for a, b in zip([*net.encoders[v].parameters(), *net.decoders[v].parameters()],
+                        [*more.encoders[v].parameters(), *more.decoders[v].parameters()],
+                        strict=True):
+            assert torch.equal(a, b)
     # a view of weight 0 is left out of z: changing it changes nothing
     net.view_w.copy_(torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(net.embed([xs[0], xs[1] * 5]), net.embed([xs[0], None]))
