@@ -2,8 +2,9 @@
 
     python -m bench multiview                 # MNIST test (10,000) + CIFAR-10 subset (10,000)
     python -m bench multiview --no-cifar      # MNIST only
-    python -m bench multiview --reuse-views   # keep view runs finished by an earlier call
-    python -m bench multiview --quick         # 2,000 MNIST digits, one 15 s view run (< 3 min)
+    python -m bench multiview --reuse-views   # keep view runs (and feature passes) of an earlier call
+    python -m bench multiview --quick         # 2,000 MNIST digits, one 15 s view run, 10
+                                              # fusion epochs
 
 Pretrained ImageNet weights cannot be downloaded here, so the views are finished runs of
 our own methods on the same images (``online``, ``deepcluster``, ``depict``, ``imc``, each
@@ -48,6 +49,9 @@ RANDOM_VIEW = "resnet18#size=64"
 NOISE_VIEW = "noise:64"
 FLOOR, TARGET = 0.02, 0.05  # NMI over the best single view
 NOISE_TOLERANCE = 0.01
+# --quick: 10 fusion epochs, 10 of pretraining (each DEC round is a train stage with a few
+# seconds of overhead: the default 100 epochs took 348 s on 2,000 digits).
+QUICK = ("train.epochs=10", "multiview.pretrain_epochs=10")
 
 
 def view_run(shards: str, name: str, method: str, given: list[str], budget: float,
@@ -149,17 +153,34 @@ def replay_fusion(cfg: Any, run: Path) -> list[dict[str, Any]]:
     return rows  # type: ignore[no-any-return]
 
 
+def kept_passes(run: Path) -> Path | None:
+    """With ``--reuse-views``: a copy of ``run``'s view passes from an earlier call (they
+    depend on the views, the images and the seed alone), to be copied into the fresh run."""
+    keep = WORK / "passes" / run.name
+    found = sorted((run / "stages").glob("view-*.npz"))
+    if found:
+        shutil.rmtree(keep, ignore_errors=True)
+        (keep / "stages").mkdir(parents=True)
+        for f in found:
+            shutil.copy2(f, keep / "stages" / f.name)
+    return keep if (keep / "stages").exists() else None
+
+
 def dataset_rows(dataset: str, n: int, budget: float, methods: tuple[str, ...],
-                 reuse: bool) -> dict[str, Any]:
+                 reuse: bool, shorter: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Everything for one dataset; ``shorter``: settings that shorten the multiview runs
+    (``--quick``)."""
     shards, raw, labels = (mnist_shards if dataset == "mnist" else cifar_shards)(n)
-    given = INPUTS[dataset]
+    given = [*INPUTS[dataset], *shorter]
     row: dict[str, Any] = {"images": n, "raw_pixel_kmeans": raw_pixel_kmeans(raw, labels),
                            "view_budget_s": budget}
-    runs = {m: view_run(shards, f"{dataset}-{n}-{m}", m, given, budget, reuse) for m in methods}
+    runs = {m: view_run(shards, f"{dataset}-{n}-{m}", m, INPUTS[dataset], budget, reuse)
+            for m in methods}
     row["view_runs"] = runs
     views = [r["run"] for r in runs.values()] + [RANDOM_VIEW]
     base = WORK / "runs" / f"{dataset}-{n}"
-    row["multiview"] = multiview_run(shards, base, views, given)
+    row["multiview"] = multiview_run(shards, base, views, given,
+                                     reuse_from=kept_passes(base) if reuse else None)
     row["with_noise"] = multiview_run(shards, base.with_name(base.name + "-noise"),
                                       views + [NOISE_VIEW], given, reuse_from=base)
     row["noise_shift"] = round(abs(row["with_noise"]["nmi"] - row["multiview"]["nmi"]), 4)
@@ -186,7 +207,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--view-budget", type=float, default=240.0,
                    help="training seconds of each view run (default 240)")
     p.add_argument("--reuse-views", action="store_true",
-                   help="reuse view runs that an earlier call finished")
+                   help="reuse the view runs and feature passes of an earlier call")
     args = p.parse_args(argv)
     from pipeline.distributed.runtime import init_ray
 
@@ -194,7 +215,8 @@ def main(argv: list[str]) -> int:
     results: dict[str, Any] = {}
     if args.quick:
         key = "mnist-2000"
-        results[key] = dataset_rows("mnist", 2000, 15.0, ("online",), args.reuse_views)
+        results[key] = dataset_rows("mnist", 2000, 15.0, ("online",), args.reuse_views,
+                                    QUICK)
     else:
         key = "mnist"
         results[key] = dataset_rows("mnist", 10_000, args.view_budget, VIEW_METHODS,
