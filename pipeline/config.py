@@ -231,6 +231,10 @@ class DepictConfig:
     # Global batch of every DEPICT train stage (the reference's 100): on 10,000 MNIST digits
     # 64 reaches after 1 epoch the k-means NMI that 256 reaches after 10 (0.53).
     batch_size: int = 64
+    # PCA-whiten and L2-normalise the clean embeddings for the initial k-means (as
+    # DeepCluster does), the whitening folded into the head: on 3,000 MNIST digits the run
+    # ends at NMI 0.76 against 0.70 without (README, ablation).
+    whiten: bool = True
     kmeans_iters: int = 50  # Lloyd iterations of the initial k-means on clean embeddings
     kmeans_redo: int = 10  # initial k-means runs (the best kept); the reference runs 40
 

@@ -36,7 +36,12 @@ whatever the number of workers.
 2. ``initial-clustering``: k-means on the clean embeddings of every image
    (:func:`pipeline.kmeans.shards.kmeans_features`: faiss, or Lloyd over feature shards
    beyond one node); the softmax head starts from the L2-normalised centroids, the first
-   targets are the k-means labels, as in the reference.
+   targets are the k-means labels, as in the reference. One departure (``depict.whiten``):
+   the embeddings are PCA-whitened and L2-normalised for this k-means, as DeepCluster's
+   features are, and the whitening is folded into the head (:func:`whitened_head`). The
+   autoencoder's embedding puts its variance in few directions; on the 10,000 MNIST test
+   digits the k-means start went from NMI 0.63 (raw) to 0.77 (whitened), and the run's end
+   from 0.76 to 0.87 (README, ``python -m bench depict``).
 3. Rounds of ``round-RRR-training`` (``depict.target_every`` epochs of reconstruction plus
    cross-entropy to q) and ``round-RRR-targets`` (a clean pass: p, an empty-cluster check,
    new q) until fewer than ``depict.tol`` of the targets change their argmax, or
@@ -78,6 +83,7 @@ from pipeline.methods.base import (
     Train,
     descend,
 )
+from pipeline.methods.deepcluster import MomentStats, Whitening
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -249,18 +255,33 @@ def head_from_centroids(centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return w.astype(np.float32), np.zeros(len(w), np.float32)
 
 
+def whitened_head(centroids: np.ndarray, whitening: Whitening) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's head for centroids (k, p) found in whitened space, as a head on the
+    raw embedding z (n, d): logits ((z − mean) · proj) · ĉᵀ = z · Wᵀ + b with ĉ the
+    L2-normalised centroids, W = ĉ · projᵀ (k, d) and b = −mean · proj · ĉᵀ (k,)."""
+    unit, _ = head_from_centroids(centroids)
+    w = unit @ whitening.proj.T
+    b = -(whitening.mean @ whitening.proj) @ unit.T
+    return w.astype(np.float32), b.astype(np.float32)
+
+
 def initial_clusters(cfg: Config, seed: int) -> Callable[[PerId, Scatter], PerId]:
-    """The ``initial-clustering`` reduce: k-means on the clean embeddings (n, d) ->
+    """The ``initial-clustering`` reduce: k-means on the clean embeddings (n, d), PCA-whitened
+    and L2-normalised first with ``depict.whiten`` (DeepCluster's :class:`Whitening`) ->
     ``arrays["target"]`` one-hot (n, k) float16, ``arrays["cluster"]`` (n,), ``extra`` the
-    head (``head_w`` (k, d), ``head_b`` (k,)) from the normalised centroids."""
+    head (``head_w`` (k, d), ``head_b`` (k,)) from the normalised centroids
+    (:func:`whitened_head` folds the whitening into it)."""
 
     def reduce(found: PerId, scatter: Scatter) -> PerId:
         t0 = time.perf_counter()
         z, k, dc = found.arrays["feature"].astype(np.float32), cfg.cluster.k, cfg.deepcluster
+        whitening = Whitening.fit(MomentStats.of(z), z.shape[1]) if cfg.depict.whiten else None
         centroids, labels = kmeans_features(
-            z, k, cfg.depict.kmeans_iters, seed, scatter, dc.local_max_points,
-            dc.kmeans_shards, cfg.scale.gpu, redo=cfg.depict.kmeans_redo)
-        w, b = head_from_centroids(centroids)
+            z if whitening is None else whitening(z), k, cfg.depict.kmeans_iters, seed,
+            scatter, dc.local_max_points, dc.kmeans_shards, cfg.scale.gpu,
+            redo=cfg.depict.kmeans_redo)
+        w, b = (head_from_centroids(centroids) if whitening is None
+                else whitened_head(centroids, whitening))
         q = np.eye(k, dtype=np.float16)[labels]
         facts = {**found.facts, "kmeans_s": time.perf_counter() - t0,
                  **cluster_scores(found.labels, labels)}
