@@ -23,9 +23,12 @@ def rows() -> list[str]:
         h, m = data["headline"], data["machine"]
         where = f"{m['cpus']} CPUs" + (f", {m['gpu']}" if m.get("gpu") else "")
         when = time.strftime("%Y-%m-%d", time.gmtime(data.get("created_unix", 0)))
-        target = "" if h.get("target") is None else h["target"]
-        # No target, no verdict (older GPU JSONs stored meets: true without one).
-        verdict = "—" if h.get("target") is None or h.get("meets") is None else (
+        bars = [str(h["target"])] if h.get("target") is not None else []
+        if h.get("floor") is not None:  # a lower bar some issues set beside the target
+            bars.append(f"(floor {h['floor']})")
+        target = " ".join(bars)
+        # No target or floor, no verdict (older GPU JSONs stored meets: true without one).
+        verdict = "—" if not bars or h.get("meets") is None else (
             "yes" if h["meets"] else "no")
         out.append(f"| `{path.stem}` | {h['name']} | {h['value']} | {target} | "
                    f"{verdict} | {where} | {when} |")
