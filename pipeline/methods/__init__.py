@@ -118,7 +118,7 @@ REGISTRY: dict[str, MethodInfo] = {
         # 15 epochs of the 10,000 MNIST test digits: ~11 min of training at the measured
         # ~230 images/s on the 2-core CPU, ~12 min for the whole run, inside issue 15's 15
         # minutes (bench/imc.py); the shared 10 would leave a third of them unused.
-        defaults=(("train.epochs", 15),)),
+        defaults=(("train.epochs", 15), ("train.batch_size", 128))),
     "multiview": staged(
         "multiview", "Guérin et al. 2021", "pipeline.methods.multiview",
         reads=("multiview.", *_FEATURE_PASSES), kinds=("multiview", "multiview_view"),
