@@ -35,7 +35,7 @@ VARIANTS: dict[str, list[str]] = {
     "defaults": [],
     "reference": REFERENCE,
     "constant_lr": ["imc.decay_at=[]"],
-    "prototypes_100": ["imc.prototypes=100"],
+    "entropy_weight_2": ["imc.entropy_weight=2"],
 }
 
 
