@@ -286,6 +286,7 @@ def crop_sizes(cfg: Config) -> tuple[int, int]:
 # reference's for colour images; larger boxes for greyscale ones (config.py, README).
 COLOUR_SCALES = ((0.2, 1.0), (0.08, 0.4))
 GREY_SCALES = ((0.5, 1.0), (0.2, 0.5))
+GREY_ROTATE = 20.0  # degrees (imc.rotate null): see ImcConfig.rotate
 
 
 def crop_scales(cfg: Config) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -308,8 +309,10 @@ def crop_spec(cfg: Config) -> MultiCropSpec:
         groups.append(CropGroup(imc.local_crops, loc, loc_scale))
     flip = cfg.data.channels == 3 if imc.flip is None else imc.flip
     j = imc.jitter
+    rotate = (0.0 if cfg.data.channels == 3 else GREY_ROTATE) if imc.rotate is None \
+        else imc.rotate
     return MultiCropSpec(tuple(groups), tuple(cfg.data.mean), tuple(cfg.data.std), flip,
-                         (j[0], j[1], j[2], j[3]), imc.jitter_p, imc.grey_p)
+                         (j[0], j[1], j[2], j[3]), imc.jitter_p, imc.grey_p, rotate)
 
 
 class ImcTraining(nn.Module):

@@ -16,11 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load as st_load
 
-from pipeline.config import Config, resolve
+from pipeline.config import Config, ConfigError, resolve
 from pipeline.methods.imc import (
     ImcNet,
     crop_scales,
     crop_sizes,
+    crop_spec,
     imc_arch,
     logit_penalty,
     lr_at,
@@ -250,6 +251,22 @@ def test_crop_sizes_scale_with_the_image(size, globals_, locals_):
 def test_crop_scales_follow_the_channels_unless_set(settings, expected):
     cfg = resolve(Config, overrides=["method=imc", *settings])
     assert crop_scales(cfg) == expected
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    ([], 20.0),  # greyscale: digits are drawn at a slant
+    (["data.channels=3", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"], 0.0),
+    (["imc.rotate=5"], 5.0),
+    (["data.channels=3", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]",
+      "imc.rotate=10"], 10.0),
+])
+def test_crop_rotation_follows_the_channels_unless_set(settings, expected):
+    assert crop_spec(resolve(Config, overrides=["method=imc", *settings])).rotate == expected
+
+
+def test_a_rotation_out_of_range_is_refused():
+    with pytest.raises(ConfigError, match="imc.rotate"):
+        resolve(Config, overrides=["method=imc", "imc.rotate=-1"])
 
 
 def test_resnet_gets_the_small_image_stem():
