@@ -4,7 +4,7 @@ calibration): the numbers compare settings with each other, ``python -m bench im
 the product's.
 
     python -m bench imc_sweep            # 10,000 MNIST test digits, imc's 20 epochs,
-                                         # 4 variants (two at a time, one core each; ~45 min)
+                                         # 5 variants (two at a time, one core each; ~45 min)
     python -m bench imc_sweep --quick    # 2,000 digits, 3 epochs (< 3 min)
 
 Every variant starts from the same seeded network and draws the same batches: the
@@ -15,7 +15,8 @@ the head's argmax on every whole digit (eval mode, BatchNorm's running statistic
 main job recalibrates them, so its NMI can differ).
 
 Headline: the defaults' last-epoch NMI minus the reference settings' (``imc.lr`` 5e-4,
-batch 256, decay ×0.4 at 30/60/80 %, reference crop scales, λ = 4): > 0 means the defaults learn
+batch 256, decay ×0.4 at 30/60/80 %, reference crop scales, λ = 4, no rotation): > 0 means
+the defaults learn
 more in the same number of epochs.
 """
 
@@ -31,12 +32,13 @@ from bench.common import SHARED, need, write_result
 
 REFERENCE = ["imc.lr=0.0005", "train.batch_size=256", "imc.decay_at=[0.3,0.6,0.8]",
              "imc.decay_gamma=0.4", "imc.global_scale=[0.2,1.0]", "imc.local_scale=[0.08,0.4]",
-             "imc.entropy_weight=4"]
+             "imc.entropy_weight=4", "imc.rotate=0"]
 VARIANTS: dict[str, list[str]] = {
     "defaults": [],
     "reference": REFERENCE,
     "constant_lr": ["imc.decay_at=[]"],
     "entropy_weight_4": ["imc.entropy_weight=4"],  # the reference's lambda
+    "no_rotation": ["imc.rotate=0"],
 }
 
 
