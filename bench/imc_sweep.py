@@ -16,8 +16,7 @@ main job recalibrates them, so its NMI can differ).
 
 Headline: the defaults' last-epoch NMI minus the reference settings' (``imc.lr`` 5e-4,
 batch 256, decay ×0.4 at 30/60/80 %, reference crop scales, λ = 4, no rotation): > 0 means
-the defaults learn
-more in the same number of epochs.
+the defaults learn more in the same number of epochs.
 """
 
 from __future__ import annotations
