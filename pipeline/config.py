@@ -259,7 +259,7 @@ class ImcConfig:
     local_size: int = 0
     # Area fractions [min, max] of each crop. null = by data.channels: colour inputs get the
     # reference's 0.2-1.0 and 0.08-0.4; greyscale ones 0.5-1.0 and 0.2-0.5, since a small
-    # box of a digit is a stroke that many digits share (README: measured on MNIST).
+    # box of a digit is a stroke that many digits share (short in-memory runs, README).
     global_scale: list[float] | None = None
     local_scale: list[float] | None = None
     # Horizontal flips: None = for colour inputs only (a mirrored digit is another glyph).
