@@ -9,8 +9,10 @@ forwards same-resolution crops together. Each view is, in this order:
 1. a random resized crop (:func:`resized_crops`): area fraction uniform in ``scale``,
    aspect ratio log-uniform in [3/4, 4/3], as torchvision's ``RandomResizedCrop``, except
    that a box that does not fit is clamped to the image instead of redrawn; plus a
-   horizontal flip with probability 1/2 when ``flip``. One ``affine_grid``/``grid_sample``
-   per group does crop, resize (bilinear) and flip.
+   horizontal flip with probability 1/2 when ``flip``, and a rotation of the box by an
+   angle uniform in [−``rotate``, ``rotate``] degrees when ``rotate`` > 0 (border pixels
+   fill what it brings in). One ``affine_grid``/``grid_sample`` per group does crop,
+   resize (bilinear), flip and rotation.
 2. with probability ``jitter_p``, colour jitter (:func:`colour_jitter`): brightness,
    contrast, saturation and hue factors drawn per view as torchvision's ``ColorJitter``
    (b, c, s in [1 − x, 1 + x], hue in [−h, h] of a turn), applied in that fixed order (not
@@ -59,6 +61,7 @@ class MultiCropSpec:
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # b, c, s, hue
     jitter_p: float = 0.8
     grey_p: float = 0.25
+    rotate: float = 0.0  # degrees; 0 draws no angle, so the other draws stay as they were
 
     @property
     def views(self) -> int:
@@ -71,9 +74,11 @@ def _uniform(n: int, lo: float, hi: float, gen: torch.Generator | None) -> torch
 
 def resized_crops(x: torch.Tensor, size: int, scale: tuple[float, float], flip: bool,
                   gen: torch.Generator | None = None,
-                  ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+                  ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                  rotate: float = 0.0) -> torch.Tensor:
     """One random resized crop per row: x (m, C, H, W) -> (m, C, size, size), same dtype and
-    device. Boxes lie inside the image (no padding)."""
+    device. Unrotated boxes lie inside the image; a box rotated by up to ``rotate``
+    degrees may reach past it, and the border pixels fill that part."""
     m = x.shape[0]
     area = _uniform(m, scale[0], scale[1], gen)
     aspect = torch.exp(_uniform(m, math.log(ratio[0]), math.log(ratio[1]), gen))
@@ -86,6 +91,11 @@ def resized_crops(x: torch.Tensor, size: int, scale: tuple[float, float], flip: 
         sx = torch.where(torch.rand(m, generator=gen) < 0.5, -w, w)
     zero = torch.zeros(m)
     theta = torch.stack([torch.stack([sx, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
+    if rotate > 0:  # the box's axes turned by the angle: R @ diag(sx, h), centre kept
+        angle = torch.deg2rad(_uniform(m, -rotate, rotate, gen))
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.stack([torch.stack([cos * sx, -sin * h, cx], 1),
+                             torch.stack([sin * sx, cos * h, cy], 1)], 1)
     grid = F.affine_grid(theta.to(x.device, x.dtype), [m, x.shape[1], size, size],
                          align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -160,7 +170,7 @@ def multi_crop(x: torch.Tensor, spec: MultiCropSpec, gen: torch.Generator | None
     out = []
     for group in spec.groups:
         views = resized_crops(x.repeat(group.count, 1, 1, 1), group.size, group.scale,
-                              spec.flip, gen)
+                              spec.flip, gen, rotate=spec.rotate)
         views = (views * std + mean).clamp(0.0, 1.0)
         views = colour_jitter(views, spec.jitter, spec.jitter_p, gen)
         views = random_grey(views, spec.grey_p, gen)

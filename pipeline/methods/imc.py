@@ -282,16 +282,37 @@ def crop_sizes(cfg: Config) -> tuple[int, int]:
             imc.local_size or max(4, round(size * 18 / 32)))
 
 
+# Crop area fractions (global, local) when imc.global_scale/local_scale are null: the
+# reference's for colour images; larger boxes for greyscale ones (config.py, README).
+COLOUR_SCALES = ((0.2, 1.0), (0.08, 0.4))
+GREY_SCALES = ((0.5, 1.0), (0.2, 0.5))
+GREY_ROTATE = 20.0  # degrees (imc.rotate null): see ImcConfig.rotate
+
+
+def crop_scales(cfg: Config) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(global, local) crop area fractions: ``imc.global_scale``/``imc.local_scale``, or
+    where null :data:`COLOUR_SCALES` or :data:`GREY_SCALES` by ``data.channels``."""
+    imc = cfg.imc
+    glob, loc = COLOUR_SCALES if cfg.data.channels == 3 else GREY_SCALES
+    if imc.global_scale is not None:
+        glob = (imc.global_scale[0], imc.global_scale[1])
+    if imc.local_scale is not None:
+        loc = (imc.local_scale[0], imc.local_scale[1])
+    return glob, loc
+
+
 def crop_spec(cfg: Config) -> MultiCropSpec:
     """The multi-crop views of ``cfg`` (:mod:`pipeline.data.multicrop`)."""
-    imc, (g, loc) = cfg.imc, crop_sizes(cfg)
-    groups = [CropGroup(imc.global_crops, g, (imc.global_scale[0], imc.global_scale[1]))]
+    imc, (g, loc), (g_scale, loc_scale) = cfg.imc, crop_sizes(cfg), crop_scales(cfg)
+    groups = [CropGroup(imc.global_crops, g, g_scale)]
     if imc.local_crops:
-        groups.append(CropGroup(imc.local_crops, loc, (imc.local_scale[0], imc.local_scale[1])))
+        groups.append(CropGroup(imc.local_crops, loc, loc_scale))
     flip = cfg.data.channels == 3 if imc.flip is None else imc.flip
     j = imc.jitter
+    rotate = (0.0 if cfg.data.channels == 3 else GREY_ROTATE) if imc.rotate is None \
+        else imc.rotate
     return MultiCropSpec(tuple(groups), tuple(cfg.data.mean), tuple(cfg.data.std), flip,
-                         (j[0], j[1], j[2], j[3]), imc.jitter_p, imc.grey_p)
+                         (j[0], j[1], j[2], j[3]), imc.jitter_p, imc.grey_p, rotate)
 
 
 class ImcTraining(nn.Module):

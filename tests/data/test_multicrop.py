@@ -82,6 +82,34 @@ def test_a_crop_has_the_drawn_size_and_half_of_them_are_flipped():
     torch.testing.assert_close(crops[:, :, 0], crops[:, :, 5])  # no vertical change
 
 
+def test_a_rotated_crop_turns_by_the_drawn_angle_about_the_same_box():
+    """On the ramp, a crop's value steps by cos θ·w·2/S along an output row and by
+    −sin θ·h·2/S down a column: θ recovered from the steps is the angle drawn from the
+    generator after the box (so the boxes are those of the unrotated crops), within
+    ±``rotate``."""
+    ramp = ((torch.arange(16) * 2 + 1) / 16 - 1).expand(1, 1, 16, 16).repeat(300, 1, 1, 1)
+    kwargs = {"size": 8, "scale": (0.09, 0.09), "flip": False, "ratio": (1.0, 1.0)}
+    turned = resized_crops(ramp, gen=torch.Generator().manual_seed(0), rotate=30, **kwargs)
+    straight = resized_crops(ramp, gen=torch.Generator().manual_seed(0), **kwargs)
+    along = turned[:, 0, 4, 4] - turned[:, 0, 4, 3]
+    down = turned[:, 0, 4, 4] - turned[:, 0, 3, 4]
+    angle = torch.rad2deg(torch.atan2(-down, along))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):  # area, aspect, centre x, centre y
+        torch.rand(300, generator=gen)
+    drawn = -30 + 60 * torch.rand(300, generator=gen)
+    torch.testing.assert_close(angle, drawn, atol=1e-2, rtol=0)
+    assert angle.abs().max() <= 30 and angle.std() > 10
+    # the same boxes: rotation about its centre keeps a linear ramp's mean over the crop
+    # (the straight crop's mean is its centre x), where the turned box (half-width at most
+    # 0.3·(cos 30° + sin 30°)) stays inside the ramp's exact part, |x| <= 15/16
+    centre = straight.mean(dim=(1, 2, 3))
+    inside = centre.abs() + 0.3 * 1.37 < 15 / 16
+    assert inside.sum() > 150
+    torch.testing.assert_close(turned.mean(dim=(1, 2, 3))[inside], centre[inside],
+                               atol=1e-5, rtol=0)
+
+
 def test_greyscale_inputs_get_brightness_and_contrast_only():
     x = (images(64, 1) + 1) / 2
     out = colour_jitter(x, (0.0, 0.0, 0.9, 0.5), p=1.0, gen=torch.Generator().manual_seed(0))

@@ -16,10 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load as st_load
 
-from pipeline.config import Config, resolve
+from pipeline.config import Config, ConfigError, resolve
 from pipeline.methods.imc import (
     ImcNet,
+    crop_scales,
     crop_sizes,
+    crop_spec,
     imc_arch,
     logit_penalty,
     lr_at,
@@ -195,13 +197,21 @@ def test_logit_penalty_counts_only_the_excess_over_the_bound():
 
 
 def test_learning_rate_warms_up_then_steps_down():
-    imc = resolve(Config, overrides=["method=imc"]).imc
+    imc = resolve(Config, overrides=[  # the reference's schedule
+        "method=imc", "imc.lr=0.0005", "imc.decay_at=[0.3, 0.6, 0.8]", "imc.decay_gamma=0.4"]).imc
     assert lr_at(imc, 500, 0, 0, 500) == pytest.approx(5e-4 / 500)
     assert lr_at(imc, 500, 249, 0, 500) == pytest.approx(5e-4 / 2)
     assert lr_at(imc, 500, 10_000, 149, 500) == pytest.approx(5e-4)  # the reference's milestones
     assert lr_at(imc, 500, 10_000, 150, 500) == pytest.approx(5e-4 * 0.4)
     assert lr_at(imc, 500, 10_000, 499, 500) == pytest.approx(5e-4 * 0.4 ** 3)
     assert lr_at(imc, 500, 0, 0, 0) == pytest.approx(5e-4)  # no warm-up
+
+
+def test_the_default_schedule_anneals_late():
+    imc = resolve(Config, overrides=["method=imc"]).imc
+    assert lr_at(imc, 15, 10_000, 8, 0) == pytest.approx(2e-3)  # epochs 0-8 at the full lr
+    assert lr_at(imc, 15, 10_000, 9, 0) == pytest.approx(2e-3 * 0.3)  # from 60 %
+    assert lr_at(imc, 15, 10_000, 12, 0) == pytest.approx(2e-3 * 0.09)  # and 80 %
 
 
 @pytest.mark.parametrize("setting, epochs, steps, warmup", [
@@ -230,6 +240,33 @@ def _yaml(value: Any) -> str:
 def test_crop_sizes_scale_with_the_image(size, globals_, locals_):
     cfg = resolve(Config, overrides=["method=imc", f"data.image_size={size}"])
     assert crop_sizes(cfg) == (globals_, locals_)
+
+
+@pytest.mark.parametrize("settings, expected", [
+    (["data.channels=3"], ((0.2, 1.0), (0.08, 0.4))),  # the reference's, for colour
+    (["data.channels=1"], ((0.5, 1.0), (0.2, 0.5))),  # larger boxes for greyscale
+    (["data.channels=1", "imc.global_scale=[0.3, 0.9]"], ((0.3, 0.9), (0.2, 0.5))),
+    (["data.channels=3", "imc.local_scale=[0.1, 0.2]"], ((0.2, 1.0), (0.1, 0.2))),
+])
+def test_crop_scales_follow_the_channels_unless_set(settings, expected):
+    cfg = resolve(Config, overrides=["method=imc", *settings])
+    assert crop_scales(cfg) == expected
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    ([], 20.0),  # greyscale: digits are drawn at a slant
+    (["data.channels=3", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"], 0.0),
+    (["imc.rotate=5"], 5.0),
+    (["data.channels=3", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]",
+      "imc.rotate=10"], 10.0),
+])
+def test_crop_rotation_follows_the_channels_unless_set(settings, expected):
+    assert crop_spec(resolve(Config, overrides=["method=imc", *settings])).rotate == expected
+
+
+def test_a_rotation_out_of_range_is_refused():
+    with pytest.raises(ConfigError, match="imc.rotate"):
+        resolve(Config, overrides=["method=imc", "imc.rotate=-1"])
 
 
 def test_resnet_gets_the_small_image_stem():

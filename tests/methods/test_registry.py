@@ -99,19 +99,19 @@ def test_the_paper_preset_resolves_to_the_papers_settings():
 
 
 def test_a_method_default_sits_under_every_given_setting(tmp_path):
-    """imc's own train.epochs (15) replaces the shared default (10), and anything given wins
+    """imc's own train.epochs (18) replaces the shared default (10), and anything given wins
     over it: a job's base, a file, the --epochs flag, --set; a saved config round-trips."""
     from pipeline.config import dump_yaml
 
     assert resolve(Config).train.epochs == 10  # online: the shared default
     imc = resolve(Config, overrides=["method=imc"])
-    assert imc.train.epochs == 15
+    assert imc.train.epochs == 18
     assert resolve(Config, overrides=["method=imc"], base={"train.epochs": 12}).train.epochs == 12
     assert resolve(Config, overrides=["method=imc"], flags={"train.epochs": 3}).train.epochs == 3
     assert resolve(Config, overrides=["method=imc", "train.epochs=4"]).train.epochs == 4
     chosen = tmp_path / "imc.yaml"
     chosen.write_text("method: imc\n")
-    assert resolve(Config, str(chosen)).train.epochs == 15
+    assert resolve(Config, str(chosen)).train.epochs == 18
     assert resolve(Config, str(chosen), ["method=online"]).train.epochs == 10
     saved = tmp_path / "config.yaml"
     saved.write_text(dump_yaml(resolve(Config, overrides=["method=imc", "train.epochs=7"])))
