@@ -3,7 +3,7 @@ defaults were chosen (issue 15). Not the product's path (no Ray, no decode, no
 calibration): the numbers compare settings with each other, ``python -m bench imc`` gives
 the product's.
 
-    python -m bench imc_sweep            # 10,000 MNIST test digits, imc's 20 epochs,
+    python -m bench imc_sweep            # 10,000 MNIST test digits, imc's 18 epochs,
                                          # 5 variants (two at a time, one core each; ~45 min)
     python -m bench imc_sweep --quick    # 2,000 digits, 3 epochs (< 3 min)
 

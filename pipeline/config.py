@@ -276,10 +276,10 @@ class ImcConfig:
     tau: float = 0.1  # softmax temperature of the swapped prediction and of u in the MI joint
     eps: float = 0.05  # Sinkhorn's entropic regularisation: codes = Sinkhorn(exp(u / eps))
     sinkhorn_iters: int = 3  # SwAV's 3 row/column normalisation rounds
-    # lambda in H(Y|U) - lambda * H(Y): the balance of clusters. The reference's 4 pushed
-    # a short CPU run toward equal shares harder than the data's classes allow; 2 scored
-    # higher on the MNIST test digits (bench/imc_sweep.py, README) and asks less of a
-    # dataset whose classes are not balanced.
+    # lambda in H(Y|U) - lambda * H(Y): the balance of clusters. 2 ended higher than the
+    # reference's 4 in a short in-memory run on the MNIST test digits (one run each;
+    # bench/imc_sweep.py compares them) and asks less of a dataset whose classes are not
+    # equally frequent (README).
     entropy_weight: float = 2.0
     logit_weight: float = 0.01  # logit regulariser: weight * mean(sum relu(|y| - logit_bound))
     logit_bound: float = 5.0

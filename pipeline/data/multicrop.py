@@ -89,13 +89,13 @@ def resized_crops(x: torch.Tensor, size: int, scale: tuple[float, float], flip: 
     sx = w
     if flip:
         sx = torch.where(torch.rand(m, generator=gen) < 0.5, -w, w)
-    zero = torch.zeros(m)
-    theta = torch.stack([torch.stack([sx, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
-    if rotate > 0:  # the box's axes turned by the angle: R @ diag(sx, h), centre kept
+    cos, sin = torch.ones(m), torch.zeros(m)
+    if rotate > 0:  # drawn last, so the boxes are those of an unrotated crop
         angle = torch.deg2rad(_uniform(m, -rotate, rotate, gen))
         cos, sin = torch.cos(angle), torch.sin(angle)
-        theta = torch.stack([torch.stack([cos * sx, -sin * h, cx], 1),
-                             torch.stack([sin * sx, cos * h, cy], 1)], 1)
+    # the box's axes R(angle) @ diag(sx, h) about its centre (cx, cy)
+    theta = torch.stack([torch.stack([cos * sx, -sin * h, cx], 1),
+                         torch.stack([sin * sx, cos * h, cy], 1)], 1)
     grid = F.affine_grid(theta.to(x.device, x.dtype), [m, x.shape[1], size, size],
                          align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

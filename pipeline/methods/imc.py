@@ -309,8 +309,9 @@ def crop_spec(cfg: Config) -> MultiCropSpec:
         groups.append(CropGroup(imc.local_crops, loc, loc_scale))
     flip = cfg.data.channels == 3 if imc.flip is None else imc.flip
     j = imc.jitter
-    rotate = (0.0 if cfg.data.channels == 3 else GREY_ROTATE) if imc.rotate is None \
-        else imc.rotate
+    rotate = imc.rotate
+    if rotate is None:
+        rotate = 0.0 if cfg.data.channels == 3 else GREY_ROTATE
     return MultiCropSpec(tuple(groups), tuple(cfg.data.mean), tuple(cfg.data.std), flip,
                          (j[0], j[1], j[2], j[3]), imc.jitter_p, imc.grey_p, rotate)
 
