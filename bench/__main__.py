@@ -7,7 +7,7 @@ import sys
 
 NAMES = ("quality", "ingest", "gpu_smoke", "throughput", "kmeans", "centroid_server", "memory",
          "gpu_throughput", "deepcluster", "depict", "imc", "imc_sweep", "multiview", "shuffle", "epoch_overhead", "report",
-         "table", "train_throughput", "chaos", "fuzz", "s3_faults")
+         "table", "train_throughput", "chaos", "fuzz", "s3_faults", "drift")
 
 
 def main() -> int:
