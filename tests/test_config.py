@@ -54,6 +54,8 @@ def test_dump_round_trips(tmp_path):
     ("imc.warmup_steps=-1", "imc.warmup_steps: must be >= 0"),
     ("imc.warmup_steps=0.1", "imc.warmup_steps: must be int"),
     ("imc.global_size=64", "imc.global_size: must be <= data.image_size=28"),
+    ("online.colour_crop_scale=[0, 1]", "online.colour_crop_scale: needs 2 values, each in (0, 1]"),
+    ("online.colour_crop_scale=[0.9, 0.2]", "online.colour_crop_scale: needs [min, max] with"),
 ])
 def test_bad_values_name_the_field(override, message):
     overrides = [override] + (["scale.workers=2"] if "divisible" in message else [])

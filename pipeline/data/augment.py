@@ -1,8 +1,12 @@
 """Batched, on-device augmentation for two-view consistency (no Ray, no per-image Python).
 
-One random affine warp per image (rotation, scale, translation, optional horizontal flip) via
-``affine_grid``/``grid_sample``, then brightness/contrast jitter. Digits must not be flipped,
-so flipping is off unless asked for (natural images).
+:class:`AugmentSpec`: one random affine warp per image (rotation, scale, translation,
+optional horizontal flip) via ``affine_grid``/``grid_sample``, then brightness/contrast
+jitter. Digits must not be flipped, so flipping is off unless asked for (natural images).
+
+:func:`colour_view`: SimCLR's view of a natural image (Chen et al. 2020): a random resized
+crop, a flip, colour jitter and random greyscale, one
+:mod:`~pipeline.data.multicrop` crop group at the input's size.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from pipeline.data.multicrop import CropGroup, MultiCropSpec, multi_crop
 
 
 @dataclass(frozen=True)
@@ -58,3 +64,23 @@ def augment(x: torch.Tensor, spec: AugmentSpec, gen: torch.Generator | None = No
             ) -> torch.Tensor:
     """One random view of a batch of normalised images, float (n, C, H, W)."""
     return jitter(random_affine(x, spec, gen), spec, gen)
+
+
+View = AugmentSpec | MultiCropSpec  # the spec of one random view of a batch
+
+
+def colour_view(size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                scale: tuple[float, float]) -> MultiCropSpec:
+    """SimCLR's view at ``size`` px of images normalised by ``mean``/``std``: crop area
+    fraction in ``scale``, flip p 0.5, jitter (0.4, 0.4, 0.4, 0.1) p 0.8, greyscale p 0.2."""
+    return MultiCropSpec((CropGroup(1, size, scale),), mean, std, flip=True,
+                         jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grey_p=0.2)
+
+
+def random_view(x: torch.Tensor, spec: View, gen: torch.Generator | None = None
+                ) -> torch.Tensor:
+    """One random view of a batch of normalised images: (n, C, H, W) float -> same shape
+    (a :class:`MultiCropSpec` of one crop at the input's size)."""
+    if isinstance(spec, MultiCropSpec):
+        return multi_crop(x, spec, gen)[0]
+    return augment(x, spec, gen)

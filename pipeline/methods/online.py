@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.data.augment import AugmentSpec, augment
+from pipeline.data.augment import AugmentSpec, View, colour_view, random_view
 from pipeline.kmeans.drift import DriftProbe, toward_centroid
 from pipeline.kmeans.stats import assign, partial_stats
 from pipeline.kmeans.store import Delta
@@ -184,7 +184,7 @@ class OnlineWorker:
     optimizer: torch.optim.Optimizer
     store: CentroidClient
     loss_spec: OnlineLossSpec
-    augment_spec: AugmentSpec | None
+    augment_spec: View | None
     device: torch.device
     drift_compensation: bool = True
     drift_probe: int = 4
@@ -255,7 +255,7 @@ class OnlineWorker:
         f_aug = None
         if self.augment_spec is not None and self.loss_spec.consistency_weight > 0:
             with running_stats_frozen(self.model):
-                f_aug = self.model(augment(x, self.augment_spec))
+                f_aug = self.model(random_view(x, self.augment_spec))
         loss, _, parts = online_loss(f, f_aug, self.centroids, self.loss_spec)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -388,10 +388,16 @@ def loss_spec(cfg: Config) -> OnlineLossSpec:
                           o.entropy_weight, o.balance)
 
 
-def augment_spec(cfg: Config) -> AugmentSpec | None:
+def augment_spec(cfg: Config) -> View | None:
+    """The consistency term's second view (``online.augment``): SimCLR's crop, flip and
+    colour jitter for colour inputs, the affine warp for greyscale ones."""
     if not cfg.online.augment:
         return None
-    return AugmentSpec(flip=cfg.data.channels == 3)
+    if cfg.data.channels == 3:
+        lo, hi = cfg.online.colour_crop_scale
+        return colour_view(cfg.data.image_size, tuple(cfg.data.mean), tuple(cfg.data.std),
+                           (lo, hi))
+    return AugmentSpec()
 
 
 class OnlineState(nn.Module):

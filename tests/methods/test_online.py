@@ -367,3 +367,29 @@ def test_a_batch_is_assigned_as_in_training_by_the_exported_model(reference_run)
                 training = assign(model.train()(x), centroids)[0]
         agree.append(float((exported == training).float().mean()))
     assert min(agree) >= 0.85 and np.mean(agree) >= 0.92, agree
+
+
+def test_the_second_view_is_simclrs_for_colour_and_the_affine_warp_for_greyscale():
+    """``online.augment``: colour inputs get a resized crop, flip, colour jitter and greyscale
+    (one crop group at the input's size); digits keep the flip-free affine warp."""
+    from pipeline.config import Config, resolve
+    from pipeline.data.augment import AugmentSpec, random_view
+    from pipeline.data.multicrop import MultiCropSpec
+    from pipeline.methods.online import augment_spec
+
+    grey = augment_spec(resolve(Config))
+    assert grey == AugmentSpec() and not grey.flip
+    cfg = resolve(Config, overrides=["data.channels=3", "data.image_size=32",
+                                     "data.mean=[0.5,0.4,0.3]", "data.std=[0.2,0.2,0.2]",
+                                     "online.colour_crop_scale=[0.3,0.9]"])
+    colour = augment_spec(cfg)
+    assert isinstance(colour, MultiCropSpec)
+    (group,) = colour.groups
+    assert (group.count, group.size, group.scale) == (1, 32, (0.3, 0.9))
+    assert colour.flip and colour.mean == (0.5, 0.4, 0.3) and colour.grey_p == 0.2
+    x = torch.randn(6, 3, 32, 32)
+    views = [random_view(x, colour, torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert views[0].shape == x.shape
+    torch.testing.assert_close(views[0], views[1])  # a seed gives the same views
+    assert not torch.allclose(views[0], x)
+    assert augment_spec(resolve(Config, overrides=["online.augment=false"])) is None
