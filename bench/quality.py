@@ -7,6 +7,7 @@ against k-means on raw pixels, all measured in this one run.
     python -m bench quality --cifar --seeds 3  # a 10,000-image CIFAR-10 subset, 10 epochs,
                                                # the default config (model width too)
     python -m bench quality --seeds 3 --epochs 10 --only drift_on --name quality-seeds-drift
+    python -m bench quality --seeds 3 --epochs 10 --set model.width=32 --name quality-seeds-w32
 
 For each ``online`` run it also measures how far the online centroids are from exact k-means
 on the final features, inertia(online centroids) / inertia(faiss k-means) - 1, and the
@@ -139,11 +140,10 @@ def centroid_gap(run_dir: str, shards: str) -> dict[str, Any]:
 
 
 def online_run(shards: str, name: str, epochs: int, drift: bool, seed: int = 0,
-               extra: tuple[str, ...] = (), base: list[str] = MNIST_SETTINGS
-               ) -> dict[str, Any]:
+               extra: tuple[str, ...] = (), base: list[str] = MNIST_SETTINGS,
+               mnist: bool = True) -> dict[str, Any]:
     """A fresh ``online`` run with the default config but for the bench's settings ``base``
-    (and ``extra``); on MNIST (no ``extra``) with the feature-space figures of
-    :func:`centroid_gap`."""
+    (and ``extra``); on MNIST with the feature-space figures of :func:`centroid_gap`."""
     from pipeline.config import Config, resolve
     from pipeline.data import fs as fsx
     from pipeline.run import run
@@ -158,7 +158,7 @@ def online_run(shards: str, name: str, epochs: int, drift: bool, seed: int = 0,
     keys = ("nmi", "acc", "ari", "wall_s", "images_per_s", "inertia")
     centroids = np.load(os.path.join(out, "centroids.npy")).astype(np.float64)
     gaps = np.linalg.norm(centroids[:, None] - centroids[None], axis=-1)[np.triu_indices(10, 1)]
-    return {**{k: metrics[k] for k in keys}, **({} if extra else centroid_gap(out, shards)),
+    return {**{k: metrics[k] for k in keys}, **(centroid_gap(out, shards) if mnist else {}),
             # the training-time assignments' NMI and mean squared distance, per epoch
             "epoch_nmi": [e.get("nmi") for e in metrics["epochs"]],
             "epoch_sqdist": [e.get("sqdist") for e in metrics["epochs"]],
@@ -184,15 +184,17 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def seeds_main(shards: str, raw: dict[str, Any], seeds: int, epochs: int,
-               only: str | None = None, name: str = "quality-seeds") -> int:
+               only: str | None = None, name: str = "quality-seeds",
+               extra: tuple[str, ...] = ()) -> int:
     """Drift compensation off and on, for train.seed 0..seeds-1, interleaved in one run
-    (``only`` one of them: its JSON then compares it with nothing)."""
+    (``only`` one of them: its JSON then compares it with nothing), with the bench's MNIST
+    settings and then ``extra``."""
     modes = [(m, m == "drift_on") for m in ("drift_off", "drift_on") if only in (None, m)]
     runs: dict[str, dict[str, Any]] = {m: {} for m, _ in modes}
     for seed in range(seeds):
         for mode, drift in modes:
             runs[mode][f"seed_{seed}"] = online_run(shards, f"online-{mode}-{seed}", epochs,
-                                                    drift, seed)
+                                                    drift, seed, extra)
     for mode in runs:
         runs[mode]["summary"] = summary([runs[mode][f"seed_{s}"] for s in range(seeds)])
     if only is not None:
@@ -201,6 +203,7 @@ def seeds_main(shards: str, raw: dict[str, Any], seeds: int, epochs: int,
                                    "value": round(s["mean_nmi"], 4), "target": 0.85,
                                    "meets": s["mean_nmi"] >= 0.85 and s["min_nmi"] >= 0.80},
                             {"dataset": "mnist-test-10k", "epochs": epochs, "seeds": seeds,
+                             "settings": [*MNIST_SETTINGS, *extra],
                              "raw_pixel_kmeans": raw, "online": runs})
         print(f"quality {only}: mean NMI {s['mean_nmi']:.4f} (min {s['min_nmi']:.4f}) -> {path}")
         return 0
@@ -212,7 +215,7 @@ def seeds_main(shards: str, raw: dict[str, Any], seeds: int, epochs: int,
                 and on["mean_inertia_gap"] < off["mean_inertia_gap"]}
     path = write_result(name, headline, {
         "dataset": "mnist-test-10k", "epochs": epochs, "seeds": seeds,
-        "raw_pixel_kmeans": raw, "online": runs})
+        "settings": [*MNIST_SETTINGS, *extra], "raw_pixel_kmeans": raw, "online": runs})
     for mode in runs:
         s = runs[mode]["summary"]
         print(f"quality {mode}: mean NMI {s['mean_nmi']:.4f} (min {s['min_nmi']:.4f}), "
@@ -237,7 +240,7 @@ def cifar_main(epochs: int, seeds: int, name: str) -> int:
     shards, raw_x, labels = cifar_shards(10_000)
     raw = raw_kmeans(raw_x, labels)
     runs = [online_run(shards, f"online-cifar10-seed{seed}", epochs, False, seed,
-                       CIFAR_SETTINGS, RUN_SETTINGS) for seed in range(seeds)]
+                       CIFAR_SETTINGS, RUN_SETTINGS, mnist=False) for seed in range(seeds)]
     gains = [r["nmi"] - raw["nmi"] for r in runs]
     gain = float(np.mean(gains))
     headline = {"name": "cifar10_online_nmi_over_raw_pixel_kmeans", "value": round(gain, 4),
@@ -267,6 +270,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--name", default="quality-seeds",
                    help="with --seeds or --cifar: the result name (default quality-seeds, "
                         "quality-cifar10)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --seeds: a setting after the bench's MNIST ones (repeatable), "
+                        "e.g. model.width=32 for the default width")
     p.add_argument("--cifar", action="store_true",
                    help="the CIFAR-10 10,000-image subset instead (quality-cifar10.json)")
     args = p.parse_args(argv)
@@ -280,7 +286,8 @@ def main(argv: list[str]) -> int:
     shards = ingest_mnist()
     raw = raw_pixel_kmeans()
     if args.seeds:
-        return seeds_main(shards, raw, args.seeds, epochs, args.only, args.name)
+        return seeds_main(shards, raw, args.seeds, epochs, args.only, args.name,
+                          tuple(args.set))
     runs = {"drift_off": online_run(shards, "online-drift-off", epochs, False)}  # the default
     if not args.quick:
         runs["drift_on"] = online_run(shards, "online-drift-on", epochs, True)

@@ -96,7 +96,9 @@ class ModelConfig:
 
     backbone: Backbone = "small_cnn"  # small_cnn for 28-32 px; resnet18/50 for larger images
     weights: str | None = None  # local path or s3:// URI (safetensors or weights-only state dict)
-    width: int = 32  # small_cnn channels (width, 2w, 4w); 32 trains ~170 img/s/core at 28 px
+    # small_cnn channels (width, 2w, 4w); 32 trains ~170 img/s/core at 28 px. online defaults
+    # to 16 (its registry line, pipeline/methods/__init__.py).
+    width: int = 32
     feature_dim: int = 64  # embedding size the centroids live in
     normalize_features: bool = True  # L2-normalised embeddings make k-means distances bounded
 
@@ -181,9 +183,9 @@ class OnlineConfig:
     # The second view of colour inputs (data.channels 3) is SimCLR's (Chen et al. 2020): a
     # random resized crop of this area fraction, a flip, colour jitter (0.4, 0.4, 0.4, 0.1;
     # p 0.8) and greyscale (p 0.2); greyscale inputs keep the digit-safe affine warp. On a
-    # 10,000-image CIFAR-10 subset (10 epochs) the affine view gave NMI 0.129 and 0.109 on
-    # two seeds, this one 0.122, 0.127 and 0.130 on three (raw pixels: 0.081; README,
-    # "online on a CIFAR-10 subset").
+    # 10,000-image CIFAR-10 subset (10 epochs, width 32) the affine view gave NMI 0.129 and
+    # 0.109 on two seeds, this one 0.122, 0.127 and 0.130 on three (raw pixels: 0.081;
+    # README, "online on a CIFAR-10 subset").
     colour_crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
 
 

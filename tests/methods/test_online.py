@@ -326,7 +326,7 @@ def reference_run(digits_shards, tmp_path_factory):  # noqa: F811
 
     cfg = resolve(Config, None, ["cluster.k=10", "train.epochs=2", "train.warmup_epochs=1",
                                  "train.batch_size=64", "data.image_size=16",
-                                 "model.feature_dim=16"],
+                                 "model.feature_dim=16", "model.width=32"],  # as measured
                   {"data.input": digits_shards,
                    "data.output": str(tmp_path_factory.mktemp("online") / "run")})
     return cfg, run_reference(cfg, digits_shards)

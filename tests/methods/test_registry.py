@@ -118,3 +118,9 @@ def test_a_method_default_sits_under_every_given_setting(tmp_path):
     assert resolve(Config, str(saved)).train.epochs == 7
     assert resolve(Config, str(saved)) == resolve(Config, overrides=["method=imc",
                                                                      "train.epochs=7"])
+
+
+def test_online_defaults_to_the_narrow_network_and_other_methods_keep_the_shared_width():
+    assert resolve(Config).model.width == 16  # online, the default method
+    assert resolve(Config, overrides=["method=deepcluster"]).model.width == 32
+    assert resolve(Config, overrides=["model.width=32"]).model.width == 32
