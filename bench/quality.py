@@ -4,7 +4,7 @@ against k-means on raw pixels, all measured in this one run.
     python -m bench quality            # full run (README results table)
     python -m bench quality --seeds 3  # drift off and on for train.seed 0, 1, 2 (interleaved)
     python -m bench quality --quick    # < 3 min: fewer epochs, same headline metric
-    python -m bench quality --cifar --seeds 3  # a 10,000-image CIFAR-10 subset, 10 epochs,
+    python -m bench quality --cifar --seeds 3  # a 10,000-image CIFAR-10 subset, 20 epochs,
                                                # the default config (model width too)
     python -m bench quality --seeds 3 --epochs 10 --only drift_on --name quality-seeds-drift
     python -m bench quality --seeds 3 --epochs 10 --set model.width=32 --name quality-seeds-w32
@@ -282,7 +282,7 @@ def main(argv: list[str]) -> int:
     init_ray(num_cpus=os.cpu_count())
     if args.cifar:
         name = "quality-cifar10" if args.name == "quality-seeds" else args.name
-        return cifar_main(args.epochs or 10, args.seeds or 1, name)
+        return cifar_main(args.epochs or 20, args.seeds or 1, name)  # online's default
     shards = ingest_mnist()
     raw = raw_pixel_kmeans()
     if args.seeds:

@@ -113,6 +113,11 @@ class ClusterConfig:
     init: Literal["kmeans++", "random"] = "kmeans++"
     init_pool: int = 10  # 10 candidates a cluster: k-means++ then rarely misses a small one
     init_pool_max: int = 20_000  # caps the driver: 20k images at 224 px RGB are ~3 GB uint8
+    # A centroid's count is capped at this many points before each mini-batch update, so it
+    # is a moving mean over about its last centroid_window members rather than a mean over
+    # every feature space the training network has had (0 = unbounded, Sculley's 1/n rate;
+    # Spark's StreamingKMeans forgets the same way). README, "The centroid window".
+    centroid_window: int = 256
     sync_every: int = 1  # steps between pushes of aggregated statistics to the server
     max_staleness: int = 1  # rounds a worker may run ahead of the applied centroids (0 = sync)
     # Hsu & Lin 2017, measured on a held-out probe (pipeline/kmeans/drift.py). Off by
@@ -683,7 +688,7 @@ _POSITIVE_INT = [
     "multiview.kmeans_iters", "multiview.kmeans_redo",
 ]  # fmt: skip
 _NON_NEGATIVE = [
-    "data.global_shuffle_max_gb", "cluster.max_staleness", "train.weight_decay", "train.warmup_epochs", "train.time_budget_s", "train.precise_bn_images", "scale.max_failures",
+    "data.global_shuffle_max_gb", "cluster.max_staleness", "cluster.centroid_window", "train.weight_decay", "train.warmup_epochs", "train.time_budget_s", "train.precise_bn_images", "scale.max_failures",
     "report.nearest", "report.random", "online.compactness_weight", "online.consistency_weight", "online.entropy_weight", "train.momentum",
     "depict.embed_dim", "depict.hidden_weight", "depict.reconstruction_weight", "depict.tol", "depict.pretrain_epochs",
     "imc.local_crops", "imc.global_size", "imc.local_size", "imc.entropy_weight", "imc.logit_weight",

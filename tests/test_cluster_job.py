@@ -150,8 +150,10 @@ def test_killed_worker_and_killed_server_shard_resume_with_every_round_applied(
                                           "debug.kill_server_at_round=20",
                                           "scale.centroid_shards=2", "scale.workers=2",
                                           "cluster.drift_compensation=true",
-                                          # no reseeding: the weights then count points
-                                          "cluster.reseed_every=1000000"])
+                                          # no reseeding, no window: the weights then
+                                          # count points
+                                          "cluster.reseed_every=1000000",
+                                          "cluster.centroid_window=0"])
     checkpoints = os.path.join(out, "checkpoints")
     for name in ("_fault-worker", "centroid_server_state.npz.shard0.fault",
                  "centroid_server_state.npz.shard1"):

@@ -40,6 +40,7 @@ def test_dump_round_trips(tmp_path):
     ("bogus=1", "bogus: unknown key"),
     ("data.std=[0.5, 0]", "data.std"),
     ("cluster.drift_smoothing=2", "cluster.drift_smoothing: must be in [0, 1]"),
+    ("cluster.centroid_window=-1", "cluster.centroid_window: must be >= 0"),
     ("train.batch_size=255", "train.batch_size: must be divisible by scale.workers"),
     ("imc.prototypes=0", "imc.prototypes: must be > 0"),
     ("imc.eps=0", "imc.eps: must be > 0"),

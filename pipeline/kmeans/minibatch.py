@@ -5,6 +5,12 @@
   1/count, ``c ← c + (Σx − n·c)/(W + n)``, ``W ← W + n``. This is a running mean, so it is
   associative: applying the sum of two workers' statistics at once equals applying the
   statistics of one worker with their union.
+* Window (``window`` = m > 0): the count W is capped at m before each update, so the rate
+  never falls below n/(m + n) and a centroid is an exponential moving mean over about its
+  last m points (the forgetful streaming k-means of Spark MLlib's ``StreamingKMeans``
+  ``decayFactor``). Features of a network in training move; an unbounded W averages over
+  every past feature space, and the centroids then lag further behind their members each
+  epoch.
 * Drift compensation (Hsu & Lin 2017): each centroid moves by the mean displacement of its
   members' features between the old and the new network weights, measured on a held-out
   probe (:mod:`pipeline.kmeans.drift`).
@@ -25,14 +31,17 @@ import numpy as np
 
 
 def minibatch_update(centroids: np.ndarray, weights: np.ndarray, sums: np.ndarray,
-                     counts: np.ndarray) -> None:
-    """In place: ``c_j ← c_j + (S_j − n_j c_j)/(W_j + n_j)``, ``W_j ← W_j + n_j`` if n_j > 0.
+                     counts: np.ndarray, window: float = 0.0) -> None:
+    """In place: ``c_j ← c_j + (S_j − n_j c_j)/(W_j + n_j)``, ``W_j ← W_j + n_j`` if n_j > 0,
+    with ``W_j`` first capped at ``window`` when it is > 0 (0: Sculley's unbounded count).
 
     Args:
         centroids: float32 (k, d), updated in place.
         weights: float64 (k,), the number of points each centroid has absorbed so far (W).
         sums: (k, d) per-cluster sums S of the new points (any float dtype).
         counts: (k,) per-cluster counts n of the new points.
+        window: the cap m on W (points); a round then moves c_j by n_j / (min(W_j, m) + n_j)
+            of the way to its points' mean.
 
     Sculley 2010; identical to scikit-learn's ``MiniBatchKMeans`` with unit sample weights,
     whose counts also start at 0 (the first batch replaces the init by its cluster means).
@@ -46,7 +55,7 @@ def minibatch_update(centroids: np.ndarray, weights: np.ndarray, sums: np.ndarra
     if hit.size == 0:
         return
     n = counts[hit].astype(np.float64)
-    total = weights[hit] + n
+    total = (np.minimum(weights[hit], window) if window > 0 else weights[hit]) + n
     c = centroids[hit].astype(np.float64)
     c += (sums[hit].astype(np.float64) - n[:, None] * c) / total[:, None]
     centroids[hit] = c

@@ -76,6 +76,9 @@ class CentroidStore:
     Args:
         centroids: (k, d) initial centroids (copied, stored as float32).
         num_workers: pushes that complete a round.
+        window: caps each centroid's count before an update (points; 0 = unbounded): a
+            centroid is then a moving mean over about its last ``window`` points
+            (:func:`~pipeline.kmeans.minibatch.minibatch_update`).
         drift_smoothing: factor on the mean feature drift (Hsu & Lin 2017); 0 disables it.
         reseed_every: rounds between starved-cluster checks.
         reseed_ratio: starved = recent count < ratio · the largest recent count (or 0).
@@ -92,7 +95,7 @@ class CentroidStore:
         max_pending: open rounds kept before the oldest is applied without its stragglers.
     """
 
-    def __init__(self, centroids: np.ndarray, *, num_workers: int = 1,
+    def __init__(self, centroids: np.ndarray, *, num_workers: int = 1, window: float = 0.0,
                  drift_smoothing: float = 1.0, reseed_every: int = 50,
                  reseed_ratio: float = 0.01, reservoir_size: int = 4096, seed: int = 0,
                  recent_decay: float | None = None, recent_window: float = 20.0,
@@ -104,10 +107,13 @@ class CentroidStore:
             raise ValueError("num_workers, reseed_every and max_pending must be >= 1")
         if recent_decay is not None and not 0.0 <= recent_decay < 1.0:
             raise ValueError(f"recent_decay: must be in [0, 1), got {recent_decay}")
+        if window < 0:
+            raise ValueError(f"window: must be >= 0, got {window}")
         if recent_window <= 0:
             raise ValueError(f"recent_window: must be > 0, got {recent_window}")
         k, d = self.centroids.shape
         self.num_workers, self.drift_smoothing = int(num_workers), float(drift_smoothing)
+        self.window = float(window)
         self.reseed_every, self.reseed_ratio = int(reseed_every), float(reseed_ratio)
         self.recent_decay, self.max_pending = recent_decay, int(max_pending)
         self.recent_window, self.reseed_max = float(recent_window), int(reseed_max)
@@ -316,7 +322,7 @@ class CentroidStore:
         """
         rows = entry["rows"]
         c, w = self.centroids[rows], self.weights[rows]
-        minibatch_update(c, w, entry["sums"], entry["counts"][rows])
+        minibatch_update(c, w, entry["sums"], entry["counts"][rows], self.window)
         if entry["drift"] is not None and self.drift_smoothing:
             apply_drift(c, entry["drift"], entry["drift_counts"][rows], self.drift_smoothing)
         self.centroids[rows], self.weights[rows] = c, w
@@ -395,6 +401,7 @@ def _rows_of(dense: Any, rows: np.ndarray, k: int, d: int, name: str) -> np.ndar
 def store_kwargs(cfg: Config) -> dict[str, Any]:
     """:class:`CentroidStore` settings of a run (``cluster.*``, one push per worker a round)."""
     c = cfg.cluster
-    return {"num_workers": cfg.scale.workers, "drift_smoothing": c.drift_smoothing,
+    return {"num_workers": cfg.scale.workers, "window": c.centroid_window,
+            "drift_smoothing": c.drift_smoothing,
             "reseed_every": c.reseed_every, "reseed_ratio": c.reseed_ratio,
             "reservoir_size": c.reservoir_size, "seed": cfg.train.seed}

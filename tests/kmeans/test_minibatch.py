@@ -74,6 +74,32 @@ def test_update_is_a_running_mean_and_skips_empty_clusters():
     np.testing.assert_array_equal(w, [3, 0])
 
 
+def test_window_caps_the_count_so_the_rate_stays_at_least_n_over_window_plus_n():
+    c = np.array([[0.0, 0.0], [5.0, 5.0]], np.float32)
+    w = np.array([1000.0, 3.0])
+    minibatch_update(c, w, np.array([[10.0, 30.0], [8.0, 8.0]]), np.array([10, 1]), window=10)
+    # row 0: W capped 1000 -> 10, so 10 new points move it half way to their mean (1, 3);
+    # row 1: W = 3 is under the cap, the plain running mean (3 * 5 + 8) / 4
+    np.testing.assert_allclose(c, [[0.5, 1.5], [5.75, 5.75]], rtol=1e-6)
+    np.testing.assert_array_equal(w, [20, 4])
+
+
+def test_window_tracks_moving_points_where_the_unbounded_count_lags_further_each_round():
+    """Points drifting at constant speed: with the unbounded count a centroid averages all
+    past positions (its lag grows like t/2); capped at m points its lag stays near the
+    distance moved over ~m points."""
+    lags: dict[float, list[float]] = {}
+    for window in (0.0, 50.0):
+        c, w, lag = np.zeros((1, 1), np.float32), np.zeros(1), []
+        for t in range(200):
+            centre = 0.1 * t
+            minibatch_update(c, w, np.array([[10 * centre]]), np.array([10]), window)
+            lag.append(centre - float(c[0, 0]))
+        lags[window] = lag
+    assert lags[0.0][-1] > 9.0 and lags[0.0][-1] > lags[0.0][99] + 4.0  # ~t/20, growing
+    assert lags[50.0][-1] < 0.6 and abs(lags[50.0][-1] - lags[50.0][99]) < 1e-3  # steady
+
+
 def test_drift_moves_centroids_by_mean_displacement():
     c = np.zeros((3, 2), np.float32)
     drift = np.array([[2, 2], [7, 7], [3, -3]], np.float32)

@@ -103,7 +103,8 @@ def test_a_method_default_sits_under_every_given_setting(tmp_path):
     over it: a job's base, a file, the --epochs flag, --set; a saved config round-trips."""
     from pipeline.config import dump_yaml
 
-    assert resolve(Config).train.epochs == 10  # online: the shared default
+    assert resolve(Config).train.epochs == 20  # online's own
+    assert resolve(Config, overrides=["method=deepcluster"]).train.epochs == 10  # the shared
     imc = resolve(Config, overrides=["method=imc"])
     assert imc.train.epochs == 18
     assert resolve(Config, overrides=["method=imc"], base={"train.epochs": 12}).train.epochs == 12
@@ -112,7 +113,7 @@ def test_a_method_default_sits_under_every_given_setting(tmp_path):
     chosen = tmp_path / "imc.yaml"
     chosen.write_text("method: imc\n")
     assert resolve(Config, str(chosen)).train.epochs == 18
-    assert resolve(Config, str(chosen), ["method=online"]).train.epochs == 10
+    assert resolve(Config, str(chosen), ["method=online"]).train.epochs == 20
     saved = tmp_path / "config.yaml"
     saved.write_text(dump_yaml(resolve(Config, overrides=["method=imc", "train.epochs=7"])))
     assert resolve(Config, str(saved)).train.epochs == 7
