@@ -139,18 +139,20 @@ def centroid_gap(run_dir: str, shards: str) -> dict[str, Any]:
             "running_stats": running}
 
 
-def online_run(shards: str, name: str, epochs: int, drift: bool, seed: int = 0,
+def online_run(shards: str, name: str, epochs: int, drift: bool | None, seed: int = 0,
                extra: tuple[str, ...] = (), base: list[str] = MNIST_SETTINGS,
                mnist: bool = True) -> dict[str, Any]:
     """A fresh ``online`` run with the default config but for the bench's settings ``base``
-    (and ``extra``); on MNIST with the feature-space figures of :func:`centroid_gap`."""
+    (and ``extra``), drift compensation ``drift`` (None: the default); on MNIST with the
+    feature-space figures of :func:`centroid_gap`."""
     from pipeline.config import Config, resolve
     from pipeline.data import fs as fsx
     from pipeline.run import run
 
     out = str(WORK / "runs" / name)
     fsx.remove_tree(fsx.locate(out))  # a benchmark measures a fresh run
-    settings = [f"cluster.drift_compensation={str(drift).lower()}", *base, *extra]
+    settings = [*([] if drift is None else [f"cluster.drift_compensation={str(drift).lower()}"]),
+                *base, *extra]
     cfg = resolve(Config, None, settings,
                   {"data.input": shards, "data.output": out, "train.epochs": epochs,
                    "cluster.k": 10, "train.seed": seed})
@@ -239,7 +241,7 @@ def cifar_main(epochs: int, seeds: int, name: str) -> int:
 
     shards, raw_x, labels = cifar_shards(10_000)
     raw = raw_kmeans(raw_x, labels)
-    runs = [online_run(shards, f"online-cifar10-seed{seed}", epochs, False, seed,
+    runs = [online_run(shards, f"online-cifar10-seed{seed}", epochs, None, seed,
                        CIFAR_SETTINGS, RUN_SETTINGS, mnist=False) for seed in range(seeds)]
     gains = [r["nmi"] - raw["nmi"] for r in runs]
     gain = float(np.mean(gains))

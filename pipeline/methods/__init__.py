@@ -103,7 +103,7 @@ REGISTRY: dict[str, MethodInfo] = {
         # epochs, 3 seeds) NMI 0.136 on average against 0.126 at the shared 32, in half the
         # time; on MNIST one seed did better at 32 (0.695 against 0.558). README, "online on
         # a CIFAR-10 subset". 20 epochs: with cluster.centroid_window the runs still gain
-        # after the 10th (MNIST, in-process, seeds 0-2: 0.850 on average at 10, 0.879 at 20).
+        # after the 10th (README, "online with the centroid window").
         defaults=(("model.width", 16), ("train.epochs", 20))),
     "deepcluster": staged(
         "deepcluster", "Caron et al. 2018", "pipeline.methods.deepcluster",
