@@ -84,7 +84,8 @@ def staged(name: str, paper: str, module: str, reads: tuple[str, ...] = (),
 
 
 # Settings that only some methods use: whole sections (a trailing dot) or single keys.
-_CENTROID_SERVER = ("cluster.sync_every", "cluster.max_staleness", "cluster.drift_compensation",
+_CENTROID_SERVER = ("cluster.centroid_window", "cluster.sync_every", "cluster.max_staleness",
+                    "cluster.drift_compensation",
                     "cluster.drift_probe", "cluster.drift_probe_max", "cluster.drift_chunk",
                     "cluster.drift_smoothing", "cluster.reseed_every", "cluster.reseed_ratio",
                     "cluster.reservoir_size", "cluster.persist_every", "scale.centroid_shards",

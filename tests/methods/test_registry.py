@@ -56,6 +56,8 @@ def test_every_entry_loads_its_trainer_and_algorithm():
     ("deepcluster", "cluster.sync_every=4", ["cluster.sync_every"]),
     ("deepcluster", "train.lr_schedule=cosine", []),
     ("online", "cluster.sync_every=4", []),
+    ("online", "cluster.centroid_window=0", []),
+    ("imc", "cluster.centroid_window=64", ["cluster.centroid_window"]),
     ("online", "train.lr=0.01", []),  # shared settings are never "ignored"
     ("online", "imc.tau=0.2", ["imc.tau"]),
     ("imc", "depict.dropout=0.2", ["depict.dropout"]),
