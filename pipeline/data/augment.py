@@ -25,6 +25,7 @@ class AugmentSpec:
     rotate_deg: float = 15.0
     scale: tuple[float, float] = (0.85, 1.1)
     translate: float = 0.1  # fraction of the image side
+    shear: float = 0.0  # horizontal shear factor, uniform in [-shear, shear] (slant)
     flip: bool = False
     brightness: float = 0.2
     contrast: float = 0.2
@@ -39,8 +40,10 @@ def random_affine(x: torch.Tensor, spec: AugmentSpec, gen: torch.Generator | Non
     scale = spec.scale[0] + u[:, 1] * (spec.scale[1] - spec.scale[0])
     shift = (u[:, 2:] * 2 - 1) * spec.translate * 2
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
-                         torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    # rotation·shear: [[cos, -sin], [sin, cos]] @ [[1, s], [0, 1]]
+    s = ((torch.rand(n, generator=gen) * 2 - 1) * spec.shear).to(dev) if spec.shear else 0.0
+    theta = torch.stack([torch.stack([cos, cos * s - sin, shift[:, 0]], 1),
+                         torch.stack([sin, sin * s + cos, shift[:, 1]], 1)], 1)
     if spec.flip:
         flips = (torch.rand(n, generator=gen) < 0.5).to(dev)
         theta[flips, :, 0] *= -1
