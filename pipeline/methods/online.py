@@ -388,6 +388,12 @@ def loss_spec(cfg: Config) -> OnlineLossSpec:
                           o.entropy_weight, o.balance)
 
 
+# The greyscale view's slant: a horizontal shear uniform in ±0.3 (±17°), as torchvision's
+# RandomAffine(shear=...): the low runs crossed pairs of digits by slant. README, "online
+# with a slanted second view".
+GREY_SHEAR = 0.3
+
+
 def augment_spec(cfg: Config) -> View | None:
     """The consistency term's second view (``online.augment``): SimCLR's crop, flip and
     colour jitter for colour inputs, the affine warp for greyscale ones."""
@@ -397,7 +403,7 @@ def augment_spec(cfg: Config) -> View | None:
         lo, hi = cfg.online.colour_crop_scale
         return colour_view(cfg.data.image_size, tuple(cfg.data.mean), tuple(cfg.data.std),
                            (lo, hi))
-    return AugmentSpec()
+    return AugmentSpec(shear=GREY_SHEAR)
 
 
 class OnlineState(nn.Module):

@@ -375,10 +375,10 @@ def test_the_second_view_is_simclrs_for_colour_and_the_affine_warp_for_greyscale
     from pipeline.config import Config, resolve
     from pipeline.data.augment import AugmentSpec, random_view
     from pipeline.data.multicrop import MultiCropSpec
-    from pipeline.methods.online import augment_spec
+    from pipeline.methods.online import GREY_SHEAR, augment_spec
 
     grey = augment_spec(resolve(Config))
-    assert grey == AugmentSpec() and not grey.flip
+    assert grey == AugmentSpec(shear=GREY_SHEAR) and not grey.flip and GREY_SHEAR > 0
     cfg = resolve(Config, overrides=["data.channels=3", "data.image_size=32",
                                      "data.mean=[0.5,0.4,0.3]", "data.std=[0.2,0.2,0.2]",
                                      "online.colour_crop_scale=[0.3,0.9]"])
