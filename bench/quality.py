@@ -139,6 +139,23 @@ def centroid_gap(run_dir: str, shards: str) -> dict[str, Any]:
             "running_stats": running}
 
 
+def contingency(run_dir: str) -> dict[str, Any]:
+    """The run's assignments against the labels: {"labels": [...], "clusters": {cluster:
+    [count per label]}}, to see which classes a low run mixes."""
+    import pyarrow.dataset as pads
+
+    data = pads.dataset(os.path.join(run_dir, "assignments"), format="parquet")
+    if "label" not in data.schema.names:
+        return {}
+    table = data.to_table(columns=["cluster", "label"])
+    cluster = np.asarray(table.column("cluster").to_pylist())
+    label = np.asarray(table.column("label").to_pylist()).astype(str)
+    names = sorted(set(label.tolist()))
+    return {"labels": names,
+            "clusters": {str(c): [int(((cluster == c) & (label == n)).sum()) for n in names]
+                         for c in sorted(set(cluster.tolist()))}}
+
+
 def online_run(shards: str, name: str, epochs: int, drift: bool | None, seed: int = 0,
                extra: tuple[str, ...] = (), base: list[str] = MNIST_SETTINGS,
                mnist: bool = True) -> dict[str, Any]:
@@ -167,7 +184,8 @@ def online_run(shards: str, name: str, epochs: int, drift: bool | None, seed: in
             # with compensation: how much of the measured drift points at the own centroid
             "epoch_drift_toward_centroid": [e.get("drift_toward_centroid")
                                             for e in metrics["epochs"]],
-            "centroid_distance": {"min": float(gaps.min()), "mean": float(gaps.mean())}}
+            "centroid_distance": {"min": float(gaps.min()), "mean": float(gaps.mean())},
+            "contingency": contingency(out)}
 
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, float]:
