@@ -14,6 +14,8 @@ on the final features, inertia(online centroids) / inertia(faiss k-means) - 1, a
 fraction of images the exported model assigns as a training step does (a train-mode forward
 pass of a shuffled batch of the training batch size). Both also for the same weights with
 BatchNorm's running averages from training (``running_stats``: what precise BN replaces).
+Each run also records its clusters-by-labels contingency table (``contingency``), to show
+which classes a low run mixes.
 """
 
 from __future__ import annotations
