@@ -146,16 +146,16 @@ def contingency(run_dir: str) -> dict[str, Any]:
     [count per label]}}, to see which classes a low run mixes."""
     import pyarrow.dataset as pads
 
+    from pipeline.metrics import contingency as table_of
+
     data = pads.dataset(os.path.join(run_dir, "assignments"), format="parquet")
     if "label" not in data.schema.names:
         return {}
-    table = data.to_table(columns=["cluster", "label"])
-    cluster = np.asarray(table.column("cluster").to_pylist())
-    label = np.asarray(table.column("label").to_pylist()).astype(str)
-    names = sorted(set(label.tolist()))
-    return {"labels": names,
-            "clusters": {str(c): [int(((cluster == c) & (label == n)).sum()) for n in names]
-                         for c in sorted(set(cluster.tolist()))}}
+    rows = data.to_table(columns=["cluster", "label"])
+    table, labels, clusters = table_of(np.asarray(rows.column("label").to_pylist()).astype(str),
+                                       np.asarray(rows.column("cluster").to_pylist()))
+    return {"labels": labels.tolist(),
+            "clusters": {str(c): table[:, j].tolist() for j, c in enumerate(clusters)}}
 
 
 def online_run(shards: str, name: str, epochs: int, drift: bool | None, seed: int = 0,
