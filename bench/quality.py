@@ -177,17 +177,20 @@ def online_run(shards: str, name: str, epochs: int, drift: bool | None, seed: in
                    "cluster.k": 10, "train.seed": seed})
     metrics = run(cfg)
     keys = ("nmi", "acc", "ari", "wall_s", "images_per_s", "inertia")
+    # online.starts: each start's seed, last-epoch loss and training NMI, and the kept one
+    starts = {k: metrics[k] for k in ("starts", "kept_start") if k in metrics}
     centroids = np.load(os.path.join(out, "centroids.npy")).astype(np.float64)
     gaps = np.linalg.norm(centroids[:, None] - centroids[None], axis=-1)[np.triu_indices(10, 1)]
     return {**{k: metrics[k] for k in keys}, **(centroid_gap(out, shards) if mnist else {}),
             # the training-time assignments' NMI and mean squared distance, per epoch
             "epoch_nmi": [e.get("nmi") for e in metrics["epochs"]],
             "epoch_sqdist": [e.get("sqdist") for e in metrics["epochs"]],
+            "epoch_loss": [e.get("loss") for e in metrics["epochs"]],
             # with compensation: how much of the measured drift points at the own centroid
             "epoch_drift_toward_centroid": [e.get("drift_toward_centroid")
                                             for e in metrics["epochs"]],
             "centroid_distance": {"min": float(gaps.min()), "mean": float(gaps.mean())},
-            "contingency": contingency(out)}
+            "contingency": contingency(out), **starts}
 
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, float]:

@@ -48,7 +48,7 @@ from pipeline.data.augment import AugmentSpec, View, colour_view, random_view
 from pipeline.kmeans.drift import DriftProbe, toward_centroid
 from pipeline.kmeans.stats import assign, partial_stats
 from pipeline.kmeans.store import Delta
-from pipeline.methods.base import Context, Embed, Hooks, Stages, Train
+from pipeline.methods.base import Context, Embed, Hooks, Stages, Train, TrainResult
 from pipeline.metrics import acc, nmi
 from pipeline.models.layers import batchnorms, has_batchnorm
 
@@ -424,10 +424,14 @@ class OnlineProgram(Hooks):
     row: mean loss parts, ``images``, and with labels the NMI/ACC of the training-time
     assignments."""
 
-    def __init__(self, cfg: Config, cnn: nn.Module):
+    def __init__(self, cfg: Config, cnn: nn.Module, first_epoch: int = 0,
+                 optimizers: list[dict[str, Any]] | None = None):
         self.cfg, self.state = cfg, OnlineState(cnn)
         self.module: nn.Module = self.state
-        self.epoch = 0
+        # A stage that goes on from an earlier one (a kept start): the run's epoch of this
+        # stage's epoch 0 (for the warm-up), and the optimiser state to start from.
+        self.first_epoch, self.optimizers = first_epoch, optimizers
+        self.epoch = first_epoch
         self._reset()
 
     def _reset(self) -> None:
@@ -443,6 +447,8 @@ class OnlineProgram(Hooks):
         self.state.to(ctx.device)
         model = ctx.wrap(self.state.cnn)
         optimizer = make_optimizer(model, t.optimizer, t.lr, t.momentum, t.weight_decay)
+        if self.optimizers:  # a checkpoint's state, when resuming, is loaded over this one
+            optimizer.load_state_dict(self.optimizers[0])
         self.worker = OnlineWorker(
             model=model, optimizer=optimizer, store=ctx.centroids, loss_spec=loss_spec(cfg),
             augment_spec=augment_spec(cfg), device=ctx.device,
@@ -458,7 +464,8 @@ class OnlineProgram(Hooks):
     def start(self, epoch: int, ctx: Context) -> None:
         """After a (re)start: the step and round from the checkpoint, the server's centroids."""
         w = self.worker
-        self.epoch, w.step, w.round = epoch, int(self.state.step), int(self.state.round)
+        self.epoch = self.first_epoch + epoch
+        w.step, w.round = int(self.state.step), int(self.state.round)
         w.refresh()
 
     def step(self, batch: dict[str, Any], ctx: Context) -> dict[str, float]:
@@ -492,40 +499,111 @@ class OnlineProgram(Hooks):
             y_true, y_pred = np.concatenate(self.truth), np.concatenate(self.pred)
             out["nmi"], out["acc"] = nmi(y_true, y_pred), acc(y_true, y_pred)
         self._reset()
-        self.epoch = epoch + 1
+        self.epoch = self.first_epoch + epoch + 1
         return out
 
 
-def stages(cfg: Config) -> Stages:
-    """Features of a uniform sample (``cluster.init_pool`` per cluster) under the seeded
-    initial model, with batch statistics, seed k centroids (``cluster.init``, DESIGN §4);
-    then ``train.epochs`` of :class:`OnlineProgram` with the centroid server; then, for a
-    model with BatchNorm, its running statistics recomputed over ``train.precise_bn_images``
-    images in training-size batches (an ``Embed`` with ``precise_bn``): the centroids are
-    means of batch-normalised features, and the exported model's eval mode then matches."""
+def start_seed(seed: int, start: int) -> int:
+    """``train.seed`` of start ``start`` (:func:`stages`): the run's own for start 0."""
+    if start == 0:
+        return seed
+    return int(np.random.SeedSequence((seed, start)).generate_state(1)[0])
+
+
+def best_start(histories: list[list[dict[str, Any]]]) -> int:
+    """The start to keep: the lowest mean training loss in its last epoch (the rule of
+    k-means' ``n_init``, lowest objective, applied to the joint objective). A start whose
+    last epoch has no loss (no CNN step) or a non-finite one never wins."""
+    def last_loss(history: list[dict[str, Any]]) -> float:
+        loss = history[-1].get("loss") if history else None
+        return float(loss) if loss is not None and math.isfinite(loss) else math.inf
+
+    losses = [last_loss(h) for h in histories]
+    return int(np.argmin(losses))
+
+
+def seeded_start(cfg: Config, name: str) -> Stages:
+    """The seeded initial model of ``cfg`` (``train.seed``), and its k centroids seeded from
+    the features of a uniform sample (``cluster.init_pool`` per cluster) with batch
+    statistics (DESIGN §4). -> (cnn, centroids (k, d))."""
     from pipeline.kmeans.init import pool_size, seed_centroids
     from pipeline.methods.arch import initial_model, model_arch
     from pipeline.models.weights import save_bytes
-    from pipeline.outputs import TrainedModel
 
     c = cfg.cluster
-    cnn, arch = initial_model(cfg), model_arch(cfg)
-    pool = yield Embed("initial-pool", save_bytes(cnn), arch, batch_stats=True,
+    cnn = initial_model(cfg)
+    pool = yield Embed(name, save_bytes(cnn), model_arch(cfg), batch_stats=True,
                        sample=pool_size(c.k, c.init_pool, c.init_pool_max))
     features = pool.arrays["feature"]
     if len(features) < c.k:
         raise ValueError(f"cluster.k={c.k} is larger than the number of decodable images "
                          f"({len(features)})")
-    init = seed_centroids(features, c.k, cfg.train.seed, c.init)
-    result = yield Train("online", cfg.train.epochs, OnlineProgram(cfg, cnn), centroids=init)
+    return cnn, seed_centroids(features, c.k, cfg.train.seed, c.init)
+
+
+def trained_starts(cfg: Config) -> Stages:
+    """``online.starts`` independent starts of ``online.start_epochs`` epochs each, start r
+    with ``train.seed`` :func:`start_seed` (its own initial model and centroids; the data
+    order and augmentations are the run's); the :func:`best_start` one goes on for the rest
+    of ``train.epochs``, with its optimiser state and centroids. A single start trains
+    ``train.epochs`` at once, and so does a run no longer than one start's epochs (there is
+    nothing to go on with). -> (cnn, TrainResult of the kept path, what the starts measured:
+    a dict for metrics.json, empty for a single start)."""
+    from dataclasses import replace
+
+    epochs, starts, first = cfg.train.epochs, cfg.online.starts, cfg.online.start_epochs
+    if starts == 1 or epochs <= first:
+        cnn, init = yield from seeded_start(cfg, "initial-pool")
+        result = yield Train("online", epochs, OnlineProgram(cfg, cnn), centroids=init)
+        return cnn, result, {}
+    tried = []
+    for r in range(starts):
+        cfg_r = replace(cfg, train=replace(cfg.train, seed=start_seed(cfg.train.seed, r)))
+        cnn, init = yield from seeded_start(cfg_r, f"initial-pool-start{r}")
+        result = yield Train(f"online-start{r}", first, OnlineProgram(cfg_r, cnn),
+                             centroids=init)
+        tried.append((cfg_r, cnn, result))
+    chosen = best_start([result.history for _, _, result in tried])
+    cfg_r, cnn, result = tried[chosen]
+    log.info("online: start %d of %d kept (last-epoch losses %s)", chosen, starts,
+             [round(r.history[-1].get("loss", math.nan), 4) for _, _, r in tried])
+    report = {"starts": [{"seed": c.train.seed, "loss": r.history[-1].get("loss"),
+                          **({"nmi": r.history[-1]["nmi"]} if "nmi" in r.history[-1] else {})}
+                         for c, _, r in tried], "kept_start": chosen}
+    load_cnn(cnn, result)
+    program = OnlineProgram(cfg_r, cnn, first_epoch=first, optimizers=result.optimizers)
+    rest = yield Train("online", epochs - first, program, centroids=result.centroids)
+    history = [*({**row, "start": chosen} for row in result.history),
+               *({**row, "epoch": row["epoch"] + first, "start": chosen} for row in rest.history)]
+    return cnn, replace(rest, history=history), report
+
+
+def load_cnn(cnn: nn.Module, result: TrainResult) -> None:
+    """The CNN weights of an :class:`OnlineState` train result into ``cnn``."""
     cnn.load_state_dict({key[len("cnn."):]: torch.from_numpy(v)
                          for key, v in result.state.items() if key.startswith("cnn.")})
+
+
+def stages(cfg: Config) -> Stages:
+    """The starts of :func:`trained_starts` (each: the seeded initial model, centroids from
+    its features, ``train.epochs`` or ``online.start_epochs`` of :class:`OnlineProgram` with
+    the centroid server); then, for a model with BatchNorm, its running statistics
+    recomputed over ``train.precise_bn_images`` images in training-size batches (an
+    ``Embed`` with ``precise_bn``): the centroids are means of batch-normalised features,
+    and the exported model's eval mode then matches."""
+    from pipeline.methods.arch import model_arch
+    from pipeline.models.weights import save_bytes
+    from pipeline.outputs import TrainedModel
+
+    cnn, result, starts = yield from trained_starts(cfg)
+    load_cnn(cnn, result)
     assert result.centroids is not None
     model = save_bytes(cnn)
     if cfg.train.precise_bn_images and has_batchnorm(cnn):
         # The feature space of the centroids: each training step normalises with its own
         # batch statistics; the eval-mode assignment pass then normalises the same way.
-        calibrated = yield Embed("precise-bn", model, arch, sample=cfg.train.precise_bn_images,
+        calibrated = yield Embed("precise-bn", model, model_arch(cfg),
+                                 sample=cfg.train.precise_bn_images,
                                  precise_bn=cfg.train.batch_size // cfg.scale.workers)
         model = calibrated.extra["model"].tobytes()
-    return TrainedModel(model, arch, result.centroids, result.history)
+    return TrainedModel(model, model_arch(cfg), result.centroids, result.history, starts)
