@@ -564,18 +564,23 @@ def trained_starts(cfg: Config) -> Stages:
                              centroids=init)
         tried.append((cfg_r, cnn, result))
     chosen = best_start([result.history for _, _, result in tried])
+    report = starts_report([(c.train.seed, r.history[-1]) for c, _, r in tried], chosen)
+    log.info("online: start %d of %d kept: %s", chosen, starts, report["starts"])
     cfg_r, cnn, result = tried[chosen]
-    log.info("online: start %d of %d kept (last-epoch losses %s)", chosen, starts,
-             [round(r.history[-1].get("loss", math.nan), 4) for _, _, r in tried])
-    report = {"starts": [{"seed": c.train.seed, "loss": r.history[-1].get("loss"),
-                          **({"nmi": r.history[-1]["nmi"]} if "nmi" in r.history[-1] else {})}
-                         for c, _, r in tried], "kept_start": chosen}
     load_cnn(cnn, result)
     program = OnlineProgram(cfg_r, cnn, first_epoch=first, optimizers=result.optimizers)
     rest = yield Train("online", epochs - first, program, centroids=result.centroids)
     history = [*({**row, "start": chosen} for row in result.history),
                *({**row, "epoch": row["epoch"] + first, "start": chosen} for row in rest.history)]
     return cnn, replace(rest, history=history), report
+
+
+def starts_report(last_rows: list[tuple[int, dict[str, Any]]], kept: int) -> dict[str, Any]:
+    """For metrics.json: each start's seed, last-epoch loss and (with labels) training NMI,
+    from (seed, last epoch's history row) per start, and the kept start."""
+    return {"starts": [{"seed": seed, "loss": row.get("loss"),
+                        **({"nmi": row["nmi"]} if "nmi" in row else {})}
+                       for seed, row in last_rows], "kept_start": kept}
 
 
 def load_cnn(cnn: nn.Module, result: TrainResult) -> None:
