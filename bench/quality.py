@@ -8,6 +8,7 @@ against k-means on raw pixels, all measured in this one run.
                                                # the default config (model width too)
     python -m bench quality --seeds 3 --epochs 10 --only drift_on --name quality-seeds-drift
     python -m bench quality --seeds 3 --epochs 10 --set model.width=32 --name quality-seeds-w32
+    python -m bench quality --seeds 1 --first-seed 1 --only drift_off --name quality-seed1
 
 For each ``online`` run it also measures how far the online centroids are from exact k-means
 on the final features, inertia(online centroids) / inertia(faiss k-means) - 1, and the
@@ -186,6 +187,7 @@ def online_run(shards: str, name: str, epochs: int, drift: bool | None, seed: in
             "epoch_nmi": [e.get("nmi") for e in metrics["epochs"]],
             "epoch_sqdist": [e.get("sqdist") for e in metrics["epochs"]],
             "epoch_loss": [e.get("loss") for e in metrics["epochs"]],
+            "epoch_s": [e.get("epoch_s") for e in metrics["epochs"]],
             # with compensation: how much of the measured drift points at the own centroid
             "epoch_drift_toward_centroid": [e.get("drift_toward_centroid")
                                             for e in metrics["epochs"]],
@@ -210,18 +212,19 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, float]:
 
 def seeds_main(shards: str, raw: dict[str, Any], seeds: int, epochs: int,
                only: str | None = None, name: str = "quality-seeds",
-               extra: tuple[str, ...] = ()) -> int:
-    """Drift compensation off and on, for train.seed 0..seeds-1, interleaved in one run
-    (``only`` one of them: its JSON then compares it with nothing), with the bench's MNIST
-    settings and then ``extra``."""
+               extra: tuple[str, ...] = (), first_seed: int = 0) -> int:
+    """Drift compensation off and on, for train.seed first_seed .. first_seed+seeds-1,
+    interleaved in one run (``only`` one of them: its JSON then compares it with nothing),
+    with the bench's MNIST settings and then ``extra``."""
+    chosen = range(first_seed, first_seed + seeds)
     modes = [(m, m == "drift_on") for m in ("drift_off", "drift_on") if only in (None, m)]
     runs: dict[str, dict[str, Any]] = {m: {} for m, _ in modes}
-    for seed in range(seeds):
+    for seed in chosen:
         for mode, drift in modes:
             runs[mode][f"seed_{seed}"] = online_run(shards, f"online-{mode}-{seed}", epochs,
                                                     drift, seed, extra)
     for mode in runs:
-        runs[mode]["summary"] = summary([runs[mode][f"seed_{s}"] for s in range(seeds)])
+        runs[mode]["summary"] = summary([runs[mode][f"seed_{s}"] for s in chosen])
     if only is not None:
         s = runs[only]["summary"]
         path = write_result(name, {"name": f"mnist_online_{only}_mean_nmi_{seeds}_seeds",
@@ -290,6 +293,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seeds", type=int, default=0,
                    help="drift off and on for this many train.seed values (with --cifar: "
                         "the default config for this many seeds)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="with --seeds: the first train.seed (default 0)")
     p.add_argument("--only", choices=("drift_off", "drift_on"), default=None,
                    help="with --seeds: only this mode")
     p.add_argument("--name", default="quality-seeds",
@@ -312,7 +317,7 @@ def main(argv: list[str]) -> int:
     raw = raw_pixel_kmeans()
     if args.seeds:
         return seeds_main(shards, raw, args.seeds, epochs, args.only, args.name,
-                          tuple(args.set))
+                          tuple(args.set), args.first_seed)
     runs = {"drift_off": online_run(shards, "online-drift-off", epochs, False)}  # the default
     if not args.quick:
         runs["drift_on"] = online_run(shards, "online-drift-on", epochs, True)
