@@ -31,8 +31,9 @@ class Progress:
     epochs. ``label`` names the stage (``"epoch"`` for a method with a single one)."""
 
     def __init__(self, epochs: int, enabled: bool, every_s: float = 30.0,
-                 label: str = "epoch"):
+                 label: str = "epoch", first: int = 0):
         self.epochs, self.enabled, self.every_s, self.label = epochs, enabled, every_s, label
+        self.first = first  # shown epoch numbers start after this many (a stage in a run)
         self.t0 = self.last = time.perf_counter()
 
     def start_epoch(self) -> None:
@@ -42,9 +43,9 @@ class Progress:
         now = time.perf_counter()
         if self.enabled and now - self.last >= self.every_s:
             self.last = now
-            say(f"{self.label} {epoch + 1}/{self.epochs}  step {steps}  {now - self.t0:.0f} s")
+            say(f"{self.label} {self.first + epoch + 1}/{self.epochs}  step {steps}  {now - self.t0:.0f} s")
 
     def end_epoch(self, epoch: int, parts: dict[str, float]) -> None:
         if self.enabled:
-            say(f"{self.label} {epoch + 1}/{self.epochs}{figures(parts)}  "
+            say(f"{self.label} {self.first + epoch + 1}/{self.epochs}{figures(parts)}  "
                 f"({time.perf_counter() - self.t0:.1f} s)")

@@ -26,6 +26,7 @@ from tests.conftest import REPO
 OURS = [
     r"\d\d:\d\d:\d\d (INFO|WARNING) .+",  # pipeline's console log format
     r"epoch \d+/\d+  .+",  # rank 0's per-epoch and in-epoch progress lines
+    r"start \d+/\d+ epoch \d+/\d+  .+",  # the same for online's starts
     r"-{20,}",  # the summary table's rules
     r"(output|method|images|rejects|k|cluster sizes|inertia|NMI|ACC|ARI|wall time|"
     r"throughput) {2,}.+",  # the summary table's rows

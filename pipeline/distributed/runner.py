@@ -641,7 +641,8 @@ def stage_loop(cfg: Config, stage: Train, stream: TrainStream, ctx: Context,
     at["executions"] = stream.executions
     program.start(at["epoch"], ctx)
     join = _Join(stage.join if stage.inputs == "images" else {})
-    progress = Progress(stage.epochs, enabled=ctx.rank == 0)
+    progress = Progress(stage.of_epochs or stage.epochs, enabled=ctx.rank == 0,
+                        label=stage.shown_as, first=stage.first_epoch)
     began = time.monotonic()
     local = (stage.batch_size or cfg.train.batch_size) // ctx.world
     for epoch in range(at["epoch"], stage.epochs):

@@ -232,6 +232,11 @@ class Train:
     centroids: np.ndarray | None = None
     batch_size: int | None = None  # the global batch; None = train.batch_size
     inputs: str = "images"  # "images": the decoded stream; "arrays": the join arrays only
+    # Progress lines: the word for an epoch, and this stage's place in the run's epochs
+    # (online's starts: "start 2/3 epoch 1/5"; the kept start's rest: "epoch 6/20").
+    shown_as: str = "epoch"
+    first_epoch: int = 0  # the run's epoch of this stage's epoch 0
+    of_epochs: int | None = None  # the run's epochs; None: this stage's
 
     def rows(self) -> int:
         """Rows of an ``inputs="arrays"`` stage: its joined tables' ids, the same in each."""

@@ -561,7 +561,7 @@ def trained_starts(cfg: Config) -> Stages:
         cfg_r = replace(cfg, train=replace(cfg.train, seed=start_seed(cfg.train.seed, r)))
         cnn, init = yield from seeded_start(cfg_r, f"initial-pool-start{r}")
         result = yield Train(f"online-start{r}", first, OnlineProgram(cfg_r, cnn),
-                             centroids=init)
+                             centroids=init, shown_as=f"start {r + 1}/{starts} epoch")
         tried.append((cfg_r, cnn, result))
     chosen = best_start([result.history for _, _, result in tried])
     report = starts_report([(c.train.seed, r.history[-1]) for c, _, r in tried], chosen)
@@ -569,7 +569,8 @@ def trained_starts(cfg: Config) -> Stages:
     cfg_r, cnn, result = tried[chosen]
     load_cnn(cnn, result)
     program = OnlineProgram(cfg_r, cnn, first_epoch=first, optimizers=result.optimizers)
-    rest = yield Train("online", epochs - first, program, centroids=result.centroids)
+    rest = yield Train("online", epochs - first, program, centroids=result.centroids,
+                       first_epoch=first, of_epochs=epochs)
     history = [*({**row, "start": chosen} for row in result.history),
                *({**row, "epoch": row["epoch"] + first, "start": chosen} for row in rest.history)]
     return cnn, replace(rest, history=history), report
