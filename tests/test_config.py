@@ -19,6 +19,17 @@ def test_layers_apply_in_order(tmp_path):
     assert cfg.train.batch_size == Config().train.batch_size  # default
 
 
+def test_exponent_notation_is_a_float_where_a_float_is_expected():
+    """YAML 1.1 reads ``1e-6`` (no dot) as a string; a float field takes it as the number."""
+    cfg = resolve(Config, None, ["train.lr=1e-3", "train.time_budget_s=2E+2",
+                                 "train.weight_decay=.5e-4"])
+    assert (cfg.train.lr, cfg.train.time_budget_s, cfg.train.weight_decay) == (1e-3, 200.0, 5e-5)
+    with pytest.raises(ConfigError, match="train.lr: must be float"):
+        resolve(Config, None, ["train.lr=1e"])
+    with pytest.raises(ConfigError, match="cluster.k: must be int"):
+        resolve(Config, None, ["cluster.k=1e2"])
+
+
 def test_dump_round_trips(tmp_path):
     cfg = resolve(Config, None, ["cluster.k=7", "data.mean=[0.1, 0.2, 0.3]",
                                  "data.std=[1, 1, 1]", "data.channels=3"])

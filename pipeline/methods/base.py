@@ -237,6 +237,14 @@ class Train:
     shown_as: str = "epoch"
     first_epoch: int = 0  # the run's epoch of this stage's epoch 0
     of_epochs: int | None = None  # the run's epochs; None: this stage's
+    # This stage's share of ``train.time_budget_s`` (the runner stops after the epoch in
+    # which it ran out); None: the whole budget. A method of several train stages splits it.
+    budget_s: float | None = None
+
+    def budget(self, time_budget_s: float) -> float:
+        """Seconds of training after which the stage stops at its epoch's end (0: none):
+        ``budget_s``, else the run's ``train.time_budget_s``."""
+        return time_budget_s if self.budget_s is None else self.budget_s
 
     def rows(self) -> int:
         """Rows of an ``inputs="arrays"`` stage: its joined tables' ids, the same in each."""

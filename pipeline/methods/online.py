@@ -547,8 +547,10 @@ def trained_starts(cfg: Config) -> Stages:
     order and augmentations are the run's); the :func:`best_start` one goes on for the rest
     of ``train.epochs``, with its optimiser state and centroids. A single start trains
     ``train.epochs`` at once, and so does a run no longer than one start's epochs (there is
-    nothing to go on with). -> (cnn, TrainResult of the kept path, what the starts measured:
-    a dict for metrics.json, empty for a single start)."""
+    nothing to go on with). ``train.time_budget_s`` is the whole run's: each start gets
+    :func:`start_budget` of it, the kept start what the starts left. -> (cnn, TrainResult
+    of the kept path, what the starts measured: a dict for metrics.json, empty for a single
+    start)."""
     from dataclasses import replace
 
     epochs, starts, first = cfg.train.epochs, cfg.online.starts, cfg.online.start_epochs
@@ -556,12 +558,14 @@ def trained_starts(cfg: Config) -> Stages:
         cnn, init = yield from seeded_start(cfg, "initial-pool")
         result = yield Train("online", epochs, OnlineProgram(cfg, cnn), centroids=init)
         return cnn, result, {}
-    tried = []
+    tried, began = [], time.monotonic()
+    budget = cfg.train.time_budget_s
     for r in range(starts):
         cfg_r = replace(cfg, train=replace(cfg.train, seed=start_seed(cfg.train.seed, r)))
         cnn, init = yield from seeded_start(cfg_r, f"initial-pool-start{r}")
         result = yield Train(f"online-start{r}", first, OnlineProgram(cfg_r, cnn),
-                             centroids=init, shown_as=f"start {r + 1}/{starts} epoch")
+                             centroids=init, shown_as=f"start {r + 1}/{starts} epoch",
+                             budget_s=start_budget(budget, starts, first, epochs))
         tried.append((cfg_r, cnn, result))
     chosen = best_start([result.history for _, _, result in tried])
     report = starts_report([(c.train.seed, r.history[-1]) for c, _, r in tried], chosen)
@@ -569,11 +573,22 @@ def trained_starts(cfg: Config) -> Stages:
     cfg_r, cnn, result = tried[chosen]
     load_cnn(cnn, result)
     program = OnlineProgram(cfg_r, cnn, first_epoch=first, optimizers=result.optimizers)
+    left = max(budget - (time.monotonic() - began), 1e-3) if budget else None
     rest = yield Train("online", epochs - first, program, centroids=result.centroids,
-                       first_epoch=first, of_epochs=epochs)
+                       first_epoch=first, of_epochs=epochs, budget_s=left)
     history = [*({**row, "start": chosen} for row in result.history),
                *({**row, "epoch": row["epoch"] + first, "start": chosen} for row in rest.history)]
     return cnn, replace(rest, history=history), report
+
+
+def start_budget(budget_s: float, starts: int, start_epochs: int, epochs: int
+                 ) -> float | None:
+    """One start's share of a run's ``train.time_budget_s`` (None: no budget): the share of
+    its epochs in every epoch the run plans, ``starts``·``start_epochs`` + the kept start's
+    ``epochs`` − ``start_epochs``."""
+    if not budget_s:
+        return None
+    return budget_s * start_epochs / (starts * start_epochs + epochs - start_epochs)
 
 
 def starts_report(last_rows: list[tuple[int, dict[str, Any]]], kept: int) -> dict[str, Any]:

@@ -472,3 +472,30 @@ def test_a_start_must_train_the_cnn_before_the_starts_are_compared():
         resolve(Config, overrides=["online.starts=0"])
     resolve(Config, overrides=["train.warmup_epochs=2", "online.start_epochs=2",
                                "online.starts=1"])  # a single start compares nothing
+
+
+def test_the_starts_share_the_time_budget_and_the_kept_start_gets_what_is_left():
+    """``train.time_budget_s`` is the run's: each start gets its epochs' share of every
+    planned epoch (3·5 + 20 − 5 = 30 here, so 5/30), the kept start what the starts left."""
+    from pipeline.config import Config, resolve
+    from pipeline.methods.base import PerId, TrainResult
+    from pipeline.methods.online import stages, start_budget
+
+    assert start_budget(0.0, 3, 5, 20) is None
+    assert start_budget(300.0, 3, 5, 20) == pytest.approx(50.0)
+    cfg = resolve(Config, overrides=["train.time_budget_s=300", "online.starts=2",
+                                     "online.start_epochs=2", "train.warmup_epochs=1",
+                                     "train.epochs=4", "cluster.k=3", "cluster.init_pool=2"])
+    gen, budgets, result = stages(cfg), [], None
+    for _ in range(5):  # pool, start, pool, start, the kept start's rest
+        stage = gen.send(result)
+        if hasattr(stage, "budget_s"):
+            budgets.append(stage.budget_s)
+            state = {k: v.numpy() for k, v in stage.program.module.state_dict().items()}
+            result = TrainResult(state, [{"epoch": 0, "loss": 1.0 + len(budgets)}],
+                                 centroids=np.zeros((3, 4), np.float32))
+        else:
+            feats = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+            result = PerId(np.arange(8).astype(str), {"feature": feats})
+    assert budgets[:2] == [pytest.approx(300 * 2 / 6)] * 2
+    assert 0 < budgets[2] <= 300

@@ -155,3 +155,40 @@ def test_array_batches_split_one_seeded_order_over_the_workers():
     with pytest.raises(ValueError, match="different ids"):
         Train("t", 1, None, join={"x": table, "y": PerId(ids[:5], {"y": ids[:5]})},  # type: ignore[arg-type]
               inputs="arrays").rows()
+
+
+def test_a_stage_stops_after_the_epoch_in_which_its_budget_ran_out():
+    """``train.time_budget_s``, or a stage's own ``budget_s`` (a share a method gives it),
+    ends training at an epoch's end; 0 is no budget (both runners through ``Train.budget``)."""
+    from torch import nn
+
+    from pipeline.methods.base import Hooks
+    from pipeline.methods.reference import LocalRunner
+
+    class Idle(Hooks):
+        module = nn.Linear(1, 1)
+
+        def setup(self, ctx):
+            return []
+
+        def step(self, batch, ctx):
+            return {}
+
+        def end_epoch(self, epoch, ctx):
+            return {}
+
+    class Arrays(LocalRunner):
+        def __init__(self, cfg):  # an arrays stage reads no image
+            self.cfg, self.ids = cfg, np.array([], str)
+
+    ids = np.array([f"{i:02d}" for i in range(40)])
+    table = PerId(ids, {"x": np.zeros((40, 1), np.float32)})
+
+    def epochs(budget_s, *overrides):
+        cfg = resolve(Config, overrides=list(overrides))
+        stage = Train("t", 3, Idle(), join={"x": table}, batch_size=10, inputs="arrays",
+                      budget_s=budget_s)
+        return len(Arrays(cfg).train(stage).history)
+
+    assert epochs(None) == 3 and epochs(None, "train.time_budget_s=1e-6") == 1
+    assert epochs(1e-6, "train.time_budget_s=600") == 1 and epochs(0.0, "train.time_budget_s=1e-6") == 3
