@@ -672,7 +672,7 @@ def stage_loop(cfg: Config, stage: Train, stream: TrainStream, ctx: Context,
             progress.end_epoch(epoch, parts)
         at.update(epoch=epoch + 1, batch=0, executions=stream.executions)
         _save(ctx, stage.name, program, optimizers, at, {"epoch": epoch, **parts})
-        if out_of_time(stage.budget(cfg.train.time_budget_s), began):
+        if out_of_time(stage.spent(cfg.train.time_budget_s, began)):
             break
     if ctx.rank != 0:
         return None

@@ -6,7 +6,6 @@ or S3), the training stream's per-epoch iteration, the shared stop on
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import numpy as np
@@ -33,11 +32,12 @@ def connect_store(servers: list[tuple[str, str | None]], bounds: list[int],
                         np.asarray(bounds), generation)
 
 
-def out_of_time(budget_s: float, started: float) -> bool:
-    """Rank 0's verdict on ``train.time_budget_s``, broadcast so every rank stops together."""
+def out_of_time(spent: bool) -> bool:
+    """Rank 0's verdict on the stage's time budget (``Train.spent``), broadcast so every rank
+    stops together."""
     import ray.train.torch
 
-    stop = torch.tensor([float(budget_s > 0 and time.monotonic() - started >= budget_s)])
+    stop = torch.tensor([float(spent)])
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         stop = stop.to(ray.train.torch.get_device())
         torch.distributed.broadcast(stop, 0)

@@ -25,6 +25,7 @@ collectives are the identity in one process (the pattern of lightly's
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -241,10 +242,12 @@ class Train:
     # which it ran out); None: the whole budget. A method of several train stages splits it.
     budget_s: float | None = None
 
-    def budget(self, time_budget_s: float) -> float:
-        """Seconds of training after which the stage stops at its epoch's end (0: none):
-        ``budget_s``, else the run's ``train.time_budget_s``."""
-        return time_budget_s if self.budget_s is None else self.budget_s
+    def spent(self, time_budget_s: float, began: float) -> bool:
+        """Whether the stage's training, begun at ``time.monotonic()`` ``began``, has used
+        its budget (it stops at this epoch's end): ``budget_s``, else the run's
+        ``train.time_budget_s``; 0 is none."""
+        budget = time_budget_s if self.budget_s is None else self.budget_s
+        return budget > 0 and time.monotonic() - began >= budget
 
     def rows(self) -> int:
         """Rows of an ``inputs="arrays"`` stage: its joined tables' ids, the same in each."""

@@ -73,7 +73,7 @@ class LocalRunner:
         program.start(0, ctx)
         joined = self._joined(stage) if stage.inputs == "images" else {}
         batch, history, step = stage.batch_size or self.cfg.train.batch_size, [], 0
-        began, budget = time.monotonic(), stage.budget(self.cfg.train.time_budget_s)
+        began = time.monotonic()
         for epoch in range(stage.epochs):
             if stage.lr is not None:
                 set_lr(optimizers, stage.lr[epoch])
@@ -87,7 +87,7 @@ class LocalRunner:
             seconds = time.perf_counter() - t0
             history.append({"epoch": epoch, **program.end_epoch(epoch, ctx),
                             "images_per_s": seen / max(1e-9, seconds), "epoch_s": seconds})
-            if budget and time.monotonic() - began >= budget:
+            if stage.spent(self.cfg.train.time_budget_s, began):
                 break
         state = {k: v.detach().cpu().numpy() for k, v in program.module.state_dict().items()}
         return TrainResult(state, history, [o.state_dict() for o in optimizers],
