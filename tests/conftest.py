@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import tempfile
 
+from pipeline.distributed.runtime import TRAIN_POLL_ENV, TRAIN_POLL_S
+
 # Set before Ray starts (RAY_NOTES: local cluster, tests and CI).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -12,6 +14,9 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-tests-"))
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+# The product's Train poll interval (pipeline/distributed/runtime.py) for the suite's own
+# cluster and the `ray start` heads of tests, which do not start through init_ray.
+os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
 # The moto test keys, in the environment (the standard AWS chain) before any Ray cluster
 # starts: with s3.credentials=worker (the default) every Ray worker resolves the chain itself,
 # and workers inherit the raylet's environment as it was at ray.init. Set, not defaulted, so

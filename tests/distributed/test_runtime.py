@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from pipeline.distributed.reaper import tagged
+from pipeline.distributed.runtime import TRAIN_POLL_ENV, TRAIN_POLL_S, _train_poll_env
 from tests.conftest import REPO
 
 DRIVER = """
@@ -26,13 +27,13 @@ init_ray(num_cpus=1, dashboard=False)
 
 @ray.remote(num_cpus=0)
 class Idle:
-    def pid(self):
-        return os.getpid()
+    def poll(self):
+        return os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
 
 idle = Idle.remote()
-ray.get(idle.pid.remote())  # a worker process of this cluster
+poll = ray.get(idle.poll.remote())  # a worker process of this cluster
 print(json.dumps({"gcs": ray.get_runtime_context().gcs_address,
-                  "tag": os.environ[TAG_ENV]}), flush=True)
+                  "tag": os.environ[TAG_ENV], "poll": poll}), flush=True)
 time.sleep(600)
 """
 
@@ -44,7 +45,7 @@ def test_local_cluster_is_private_and_dies_with_its_driver(ray_cluster):
     temp = Path(tempfile.mkdtemp(prefix="rt-"))  # short: Ray's socket paths have a limit
     (temp / "ray").mkdir()
     (temp / "ray" / "ray_current_cluster").write_text(other)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", TRAIN_POLL_ENV)}
     env["RAY_TMPDIR"] = str(temp)
     driver = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, text=True)
@@ -55,6 +56,7 @@ def test_local_cluster_is_private_and_dies_with_its_driver(ray_cluster):
         driver.send_signal(signal.SIGKILL)
         driver.wait()
     assert started["gcs"] != other
+    assert started["poll"] == TRAIN_POLL_S  # every process of the cluster polls Train so
     deadline = time.monotonic() + 30
     while tagged(started["tag"]) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -76,3 +78,20 @@ def test_unreachable_cluster_address_fails_fast_in_one_line(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: cannot reach the Ray cluster at 127.0.0.1:{port} (RAY_ADDRESS "
                       "or --address): Connection refused"], result.stderr
+
+
+def test_a_joined_cluster_gets_the_train_poll_through_the_jobs_runtime_env(monkeypatch):
+    """The driver's environment does not reach a joined cluster's processes, so the interval
+    travels in the runtime_env; a job submitted with it set keeps its own (Ray refuses the
+    same key from ``ray job submit`` and ``ray.init``)."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    monkeypatch.setenv(TRAIN_POLL_ENV, "0.5")
+    monkeypatch.delenv(RAY_JOB_CONFIG_JSON_ENV_VAR, raising=False)
+    assert _train_poll_env() == {"env_vars": {TRAIN_POLL_ENV: "0.5"}}
+    monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json.dumps(
+        {"runtime_env": {"working_dir": "gcs://x.zip", "env_vars": {"OTHER": "1"}}}))
+    assert _train_poll_env() == {"env_vars": {TRAIN_POLL_ENV: "0.5"}}
+    monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json.dumps(
+        {"runtime_env": {"env_vars": {TRAIN_POLL_ENV: "1"}}}))
+    assert _train_poll_env() is None
