@@ -349,15 +349,17 @@ class MultiviewConfig:
     # equal over the views whose gap >= min_gap, 0 for the others (a pure-noise view's gap
     # is ~0: |gap| < 0.01 measured); "gap" = in proportion to the gap over those views;
     # "uniform" = equal over all. python -m bench multiview's ablation: gap beat gated on
-    # MNIST (NMI 0.879 vs 0.859) and lost on CIFAR-10 (0.117 vs 0.144), where the best view
-    # had the lowest gap of the trained ones: the gap measures clusterability, not meaning.
+    # MNIST and lost on CIFAR-10 on 2026-12-02 (the best view had the lowest gap of the
+    # trained ones: the gap measures clusterability, not meaning); it won on both on
+    # 2026-12-07, with other view runs. The order flips with the views (README, Results).
     weighting: str = "gated"
     min_gap: float = 0.02
     batch_size: int = 256  # fusion steps (DEC's 256)
     lr: float = 1e-3  # Adam, for the fusion network
     pretrain_epochs: int = 50  # reconstruction alone, before k-means initialises the centroids
-    # DEC's start: "concat" = k-means on the views' weighted concatenation (README: measured
-    # better), "embedding" = k-means on the pretrained fused embedding (DEC's own).
+    # DEC's start: "concat" = k-means on the views' weighted concatenation (measured better
+    # on both datasets on 2026-12-02, worse on both on 2026-12-07: README, Results),
+    # "embedding" = k-means on the pretrained fused embedding (DEC's own).
     init: str = "concat"
     target_every: int = 2  # epochs between DEC target refreshes over every image
     tol: float = 0.001  # stop when fewer clusters than this change in a round (DEC's 0.1%)
