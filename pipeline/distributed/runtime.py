@@ -18,10 +18,6 @@ from pipeline.errors import ClusterError
 
 log = logging.getLogger(__name__)
 
-_LOCAL_DEFAULTS = {
-    "RAY_USAGE_STATS_ENABLED": "0",  # never phone home
-    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",  # 32 footer readers are slow on small nodes
-}
 # Ray Train's controller takes each worker's reports from a queue one deep, polling every
 # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default 2 s): a report made while the last one
 # waits blocks the worker until the next poll. Every epoch and checkpoint reports, so an
@@ -30,6 +26,16 @@ _LOCAL_DEFAULTS = {
 # the controller polls each worker 5 times a second, and notices a dead one as much sooner.
 # A value in the environment (or the job's runtime_env) wins.
 TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
+# Set in the driver's environment unless already there (a local cluster's processes inherit
+# them; a joined cluster gets the Train poll through the job's runtime_env, _train_poll_env).
+_DEFAULTS = {
+    "RAY_USAGE_STATS_ENABLED": "0",  # never phone home
+    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",  # 32 footer readers are slow on small nodes
+    TRAIN_POLL_ENV: TRAIN_POLL_S,
+}
+# What `ray job submit` hands the driver: the job's config, its runtime_env included
+# (ray._private.runtime_env.constants.RAY_JOB_CONFIG_JSON_ENV_VAR).
+SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 VERBOSE_ENV = "PIPELINE_VERBOSE"  # set by pipeline.cli.setup_logging
 RAY_DATA_QUIET = os.path.join(os.path.dirname(__file__), "ray_data_logging.yaml")
 
@@ -60,7 +66,7 @@ def init_ray(num_cpus: int | None = None, address: str | None = None,
 
     if ray.is_initialized():
         return
-    for key, value in {**_LOCAL_DEFAULTS, TRAIN_POLL_ENV: TRAIN_POLL_S}.items():
+    for key, value in _DEFAULTS.items():
         os.environ.setdefault(key, value)
     quiet = _quiet_env()
     os.environ.update({k: v for k, v in quiet.items() if k != "PYTHONWARNINGS"})
@@ -81,7 +87,8 @@ def _join(address: str, logging_config: Any) -> None:
     _probe(address)
     try:
         # Workers on other nodes may not have this package at the driver's path, so only
-        # the log level travels (Ray Data's own INFO lines still show there).
+        # the log level (Ray Data's own INFO lines still show there) and the Train poll
+        # travel.
         ray.init(address=address, log_to_driver=True, logging_config=logging_config,
                  runtime_env=_train_poll_env())
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -93,9 +100,7 @@ def _train_poll_env() -> dict[str, Any] | None:
     """The Train poll interval for a joined cluster's processes, through the job's
     runtime_env (the driver's environment does not reach them); None when the job submitted
     with ``ray job submit`` sets it already (Ray refuses the same key twice)."""
-    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
-
-    submitted = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR, "{}"))
+    submitted = json.loads(os.environ.get(SUBMITTED_JOB_ENV, "{}"))
     if TRAIN_POLL_ENV in ((submitted.get("runtime_env") or {}).get("env_vars") or {}):
         return None
     return {"env_vars": {TRAIN_POLL_ENV: os.environ[TRAIN_POLL_ENV]}}

@@ -15,7 +15,12 @@ import time
 from pathlib import Path
 
 from pipeline.distributed.reaper import tagged
-from pipeline.distributed.runtime import TRAIN_POLL_ENV, TRAIN_POLL_S, _train_poll_env
+from pipeline.distributed.runtime import (
+    SUBMITTED_JOB_ENV,
+    TRAIN_POLL_ENV,
+    TRAIN_POLL_S,
+    _train_poll_env,
+)
 from tests.conftest import REPO
 
 DRIVER = """
@@ -86,6 +91,7 @@ def test_a_joined_cluster_gets_the_train_poll_through_the_jobs_runtime_env(monke
     same key from ``ray job submit`` and ``ray.init``)."""
     from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
+    assert SUBMITTED_JOB_ENV == RAY_JOB_CONFIG_JSON_ENV_VAR  # what Ray itself reads
     monkeypatch.setenv(TRAIN_POLL_ENV, "0.5")
     monkeypatch.delenv(RAY_JOB_CONFIG_JSON_ENV_VAR, raising=False)
     assert _train_poll_env() == {"env_vars": {TRAIN_POLL_ENV: "0.5"}}
