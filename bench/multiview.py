@@ -52,8 +52,9 @@ NOISE_VIEW = "noise:64"
 FLOOR, TARGET = 0.02, 0.05  # NMI over the best single view
 NOISE_TOLERANCE = 0.01
 # --quick: 10 fusion epochs, 10 of pretraining (each DEC round is a train stage with a few
-# seconds of overhead: the default 100 epochs took 348 s on 2,000 digits).
-QUICK = ("train.epochs=10", "multiview.pretrain_epochs=10")
+# seconds of overhead: the default 100 epochs took 348 s on 2,000 digits), so DEC starts
+# from the concatenation (a short pretraining leaves z too raw to start from).
+QUICK = ("train.epochs=10", "multiview.pretrain_epochs=10", "multiview.init=concat")
 
 
 def view_run(shards: str, name: str, method: str, given: list[str], budget: float,
@@ -143,8 +144,8 @@ def replayed(run: Path, key: str, value: Any) -> dict[str, Any]:
 
 
 def replay_fusion(cfg: Any, run: Path) -> list[dict[str, Any]]:
-    """multiview's ``views`` rows for ``cfg`` with the view passes read from ``run`` (found
-    by the views' names: ``cfg``'s views may be a subset of the run's)."""
+    """multiview's ``views`` rows for ``cfg`` with the view passes read from ``run``
+    (:func:`pass_files`: ``cfg``'s views may be a subset of the run's)."""
     import numpy as np
 
     from pipeline.data.fs import locate
@@ -159,10 +160,29 @@ def replay_fusion(cfg: Any, run: Path) -> list[dict[str, Any]]:
 
     specs = [mv.parse_view(entry) for entry in cfg.multiview.views]
     names = mv.view_names(specs)
-    views = [load_per_id(locate(str(next((run / "stages").glob(f"view-??-{name}.npz")))))
-             for name in names]
+    views = [load_per_id(locate(str(f))) for f in pass_files(run, cfg.multiview.views)]
     _, _, rows = drive(mv.fusion_stages(cfg, views, names, specs), Replay())
     return rows  # type: ignore[no-any-return]
+
+
+def pass_files(run: Path, entries: list[str]) -> list[Path]:
+    """The saved pass of each of ``entries`` in ``run``: stage names hold the entry's place
+    and name in the run's own view list, which ``entries`` may leave views out of."""
+    import yaml
+
+    from pipeline.methods import multiview as mv
+
+    saved = list(yaml.safe_load((run / "config.yaml").read_text())["multiview"]["views"])
+    names = mv.view_names([mv.parse_view(entry) for entry in saved])
+    files = []
+    for entry in entries:
+        if entry not in saved:
+            raise ValueError(f"{entry!r} is not a view of {run}")
+        v = saved.index(entry)
+        files.append(run / "stages" / f"view-{v:02d}-{names[v]}.npz")
+        if not files[-1].exists():
+            raise FileNotFoundError(f"{files[-1]}: the run has no pass of view {entry!r}")
+    return files
 
 
 def kept_passes(run: Path) -> Path | None:

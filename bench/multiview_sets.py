@@ -17,6 +17,7 @@ sets and seeds.
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
 from bench.common import write_result
@@ -85,8 +86,10 @@ def main(argv: list[str]) -> int:
     default = MultiviewConfig().weighting
     results: dict[str, Any] = {}
     for dataset in DATASETS:
+        started = time.monotonic()
         rows = set_rows(dataset)
-        results[dataset] = ({"sets": rows, "summary": summary(rows)}
+        results[dataset] = ({"sets": rows, "summary": summary(rows),
+                             "wall_s": round(time.monotonic() - started, 1)}
                             if isinstance(rows, list) else rows)
     got = results["cifar10-10000"].get("summary", {}).get(default, {})
     head = {"name": "cifar10_multiview_mean_gain_over_best_view_across_view_sets",

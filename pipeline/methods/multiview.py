@@ -22,9 +22,9 @@ Tibshirani, Walther & Hastie (2001) against a null of the same features with eve
 column permuted independently (:func:`structure_gap`): pure noise scores ~0.
 
 **View weights** (:func:`view_weights`). The user cannot know which extractor is bad (the
-paper's point), so the network weighs each view by its measured structure: w_v ∝ gap_v for
-views with gap_v ≥ ``multiview.min_gap``, 0 for the others (``weighting: uniform`` gives
-every view the same weight).
+paper's point), so the network gates each view by its measured structure: views with
+gap_v ≥ ``multiview.min_gap`` share equal weights, the others get 0 (``weighting: gated``,
+the default; ``gap``: w_v ∝ gap_v over those views; ``uniform``: every view the same).
 
 **Network** (:class:`FusionNet`). Per view an MLP branch (p_v → hidden → embed_dim); the
 fused embedding z = Σ_v w_v·branch_v(x_v); per view an MLP decoder reconstructing x_v from z;
