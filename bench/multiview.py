@@ -129,15 +129,19 @@ def seed_spread(run: Path) -> list[dict[str, Any]]:
     return [replayed(run, "train.seed", seed) for seed in SEEDS]
 
 
-def replayed(run: Path, key: str, value: Any) -> dict[str, Any]:
-    """``run``'s fusion replayed with ``key=value`` -> {key: value, nmi, acc, ari}."""
+def run_config(run: Path, overrides: list[str] = []) -> Any:  # noqa: B006 - never mutated
+    """``run``'s saved config (its ``config.yaml``) with ``overrides`` applied."""
     import yaml
 
     from pipeline.config import Config, resolve
 
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    cfg = resolve(Config, overrides=[f"{key}={value}"], loaded=saved)
-    final = replay_fusion(cfg, run)[-1]
+    return resolve(Config, overrides=overrides, loaded=saved)
+
+
+def replayed(run: Path, key: str, value: Any) -> dict[str, Any]:
+    """``run``'s fusion replayed with ``key=value`` -> {key: value, nmi, acc, ari}."""
+    final = replay_fusion(run_config(run, [f"{key}={value}"]), run)[-1]
     print(f"  replayed {key}={value}: NMI {final['nmi']:.3f}", flush=True)
     return {key.removeprefix("multiview."): value, "nmi": final["nmi"], "acc": final["acc"],
             "ari": final["ari"]}
@@ -168,11 +172,9 @@ def replay_fusion(cfg: Any, run: Path) -> list[dict[str, Any]]:
 def pass_files(run: Path, entries: list[str]) -> list[Path]:
     """The saved pass of each of ``entries`` in ``run``: stage names hold the entry's place
     and name in the run's own view list, which ``entries`` may leave views out of."""
-    import yaml
-
     from pipeline.methods import multiview as mv
 
-    saved = list(yaml.safe_load((run / "config.yaml").read_text())["multiview"]["views"])
+    saved = list(run_config(run).multiview.views)
     names = mv.view_names([mv.parse_view(entry) for entry in saved])
     files = []
     for entry in entries:

@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from bench.common import write_result
-from bench.multiview import WORK, replay_fusion
+from bench.multiview import WORK, replay_fusion, run_config
 
 WEIGHTINGS = ("gated", "gap")
 SEEDS = (0, 1, 2)
@@ -39,24 +39,19 @@ def view_sets(views: list[str]) -> list[tuple[str, list[str]]]:
 
 def set_rows(dataset: str) -> list[dict[str, Any]] | dict[str, str]:
     """A row per view set of ``dataset``'s saved run."""
-    import yaml
-
-    from pipeline.config import Config, resolve
-
     run = WORK / "runs" / dataset
     if not (run / "config.yaml").exists():
         return {"skipped": f"{run} is absent: run python -m bench multiview first"}
-    saved = yaml.safe_load((run / "config.yaml").read_text())
-    views = list(resolve(Config, overrides=[], loaded=saved).multiview.views)
+    views = list(run_config(run).multiview.views)
     rows = []
     for label, entries in view_sets(views):
         row: dict[str, Any] = {"set": label, "views": len(entries)}
         for weighting in WEIGHTINGS:
             nmis = []
             for seed in SEEDS:
-                cfg = resolve(Config, loaded=saved, overrides=[
-                    f"multiview.views={entries}", f"multiview.weighting={weighting}",
-                    f"train.seed={seed}"])
+                cfg = run_config(run, [f"multiview.views={entries}",
+                                       f"multiview.weighting={weighting}",
+                                       f"train.seed={seed}"])
                 table = replay_fusion(cfg, run)
                 row["best_single"] = max(r["nmi"] for r in table if r.get("entry"))
                 nmis.append(table[-1]["nmi"])
