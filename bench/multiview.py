@@ -2,7 +2,8 @@
 
     python -m bench multiview                 # MNIST test (10,000) + CIFAR-10 subset (10,000)
     python -m bench multiview --no-cifar      # MNIST only
-    python -m bench multiview --reuse-views   # keep view runs (and feature passes) of an earlier call
+    python -m bench multiview --reuse-views   # keep view runs (and feature passes) of an earlier
+                                              # call with the same --view-budget
     python -m bench multiview --quick         # 2,000 MNIST digits, one 15 s view run, 10
                                               # fusion epochs
 
@@ -49,12 +50,19 @@ COMMON = ["report.sample_rows=2000", "scale.threads_per_worker=2"]
 VIEW_METHODS = ("online", "deepcluster", "depict", "imc")
 RANDOM_VIEW = "resnet18#size=64"
 NOISE_VIEW = "noise:64"
+VIEW_BUDGET_S = 420.0
 FLOOR, TARGET = 0.02, 0.05  # NMI over the best single view
 NOISE_TOLERANCE = 0.01
 # --quick: 10 fusion epochs, 10 of pretraining (each DEC round is a train stage with a few
 # seconds of overhead: the default 100 epochs took 348 s on 2,000 digits), so DEC starts
 # from the concatenation (a short pretraining leaves z too raw to start from).
 QUICK = ("train.epochs=10", "multiview.pretrain_epochs=10", "multiview.init=concat")
+
+
+def run_tag(dataset: str, n: int, budget: float) -> str:
+    """The name under :data:`WORK` of a call's runs: a reused view must have had the same
+    budget."""
+    return f"{dataset}-{n}-b{budget:g}"
 
 
 def view_run(shards: str, name: str, method: str, given: list[str], budget: float,
@@ -70,7 +78,8 @@ def view_run(shards: str, name: str, method: str, given: list[str], budget: floa
         _, metrics, wall = fresh_run(shards, out, [*COMMON, f"method={method}", *given,
                                                    f"train.time_budget_s={budget}"])
     row = {"run": str(out), "nmi": round(metrics["nmi"], 4), "acc": round(metrics["acc"], 4),
-           "wall_s": wall if wall is not None else metrics.get("wall_s")}
+           "wall_s": wall if wall is not None else metrics.get("wall_s"),
+           "reused": wall is None}
     print(f"  view run {name}: NMI {row['nmi']:.3f} ACC {row['acc']:.3f}", flush=True)
     return row
 
@@ -208,11 +217,12 @@ def dataset_rows(dataset: str, n: int, budget: float, methods: tuple[str, ...],
     given = [*INPUTS[dataset], *shorter]
     row: dict[str, Any] = {"images": n, "raw_pixel_kmeans": raw_pixel_kmeans(raw, labels),
                            "view_budget_s": budget}
-    runs = {m: view_run(shards, f"{dataset}-{n}-{m}", m, INPUTS[dataset], budget, reuse)
+    tag = run_tag(dataset, n, budget)
+    runs = {m: view_run(shards, f"{tag}-{m}", m, INPUTS[dataset], budget, reuse)
             for m in methods}
     row["view_runs"] = runs
     views = [r["run"] for r in runs.values()] + [RANDOM_VIEW]
-    base = WORK / "runs" / f"{dataset}-{n}"
+    base = WORK / "runs" / tag
     row["multiview"] = multiview_run(shards, base, views, given,
                                      reuse_from=kept_passes(base) if reuse else None)
     row["with_noise"] = multiview_run(shards, base.with_name(base.name + "-noise"),
@@ -243,8 +253,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true",
                    help="2,000 MNIST digits; views: a 15 s online run and a random ResNet-18")
     p.add_argument("--no-cifar", action="store_true", help="MNIST only")
-    p.add_argument("--view-budget", type=float, default=240.0,
-                   help="training seconds of each view run (default 240)")
+    p.add_argument("--view-budget", type=float, default=VIEW_BUDGET_S,
+                   help=f"training seconds of each view run (default {VIEW_BUDGET_S:g})")
     p.add_argument("--reuse-views", action="store_true",
                    help="reuse the view runs and feature passes of an earlier call")
     args = p.parse_args(argv)

@@ -1,6 +1,7 @@
 """``multiview.weighting`` across view sets: is a default's win one set's accident?
 
     python -m bench multiview_sets        # after python -m bench multiview (its saved runs)
+    python -m bench multiview_sets --view-budget 240   # after a call with that budget
 
 On the view passes that ``python -m bench multiview`` saved (MNIST and the CIFAR-10
 subset, no image is read), the fusion is replayed in this process for every view set, the
@@ -21,11 +22,12 @@ import time
 from typing import Any
 
 from bench.common import write_result
-from bench.multiview import WORK, replay_fusion, run_config
+from bench.multiview import VIEW_BUDGET_S, WORK, replay_fusion, run_config, run_tag
 
 WEIGHTINGS = ("gated", "gap")
 SEEDS = (0, 1, 2)
-DATASETS = ("mnist-10000", "cifar10-10000")
+DATASETS = ("mnist", "cifar10")
+IMAGES = 10_000
 
 
 def view_sets(views: list[str]) -> list[tuple[str, list[str]]]:
@@ -37,11 +39,12 @@ def view_sets(views: list[str]) -> list[tuple[str, list[str]]]:
                                for i in range(len(views))]
 
 
-def set_rows(dataset: str) -> list[dict[str, Any]] | dict[str, str]:
-    """A row per view set of ``dataset``'s saved run."""
-    run = WORK / "runs" / dataset
+def set_rows(dataset: str, budget: float) -> list[dict[str, Any]] | dict[str, str]:
+    """A row per view set of ``dataset``'s saved run (views of ``budget`` seconds)."""
+    run = WORK / "runs" / run_tag(dataset, IMAGES, budget)
     if not (run / "config.yaml").exists():
-        return {"skipped": f"{run} is absent: run python -m bench multiview first"}
+        return {"skipped": f"{run} is absent: run python -m bench multiview "
+                           f"--view-budget {budget:g} first"}
     views = list(run_config(run).multiview.views)
     rows = []
     for label, entries in view_sets(views):
@@ -75,22 +78,26 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    argparse.ArgumentParser(prog="python -m bench multiview_sets").parse_args(argv)
+    p = argparse.ArgumentParser(prog="python -m bench multiview_sets")
+    p.add_argument("--view-budget", type=float, default=VIEW_BUDGET_S,
+                   help="the view budget of the bench multiview call whose runs to replay")
+    args = p.parse_args(argv)
     from pipeline.config import MultiviewConfig
 
     default = MultiviewConfig().weighting
     results: dict[str, Any] = {}
     for dataset in DATASETS:
         started = time.monotonic()
-        rows = set_rows(dataset)
-        results[dataset] = ({"sets": rows, "summary": summary(rows),
-                             "wall_s": round(time.monotonic() - started, 1)}
-                            if isinstance(rows, list) else rows)
-    got = results["cifar10-10000"].get("summary", {}).get(default, {})
+        rows = set_rows(dataset, args.view_budget)
+        results[f"{dataset}-{IMAGES}"] = ({"sets": rows, "summary": summary(rows),
+                                           "wall_s": round(time.monotonic() - started, 1)}
+                                          if isinstance(rows, list) else rows)
+    got = results[f"cifar10-{IMAGES}"].get("summary", {}).get(default, {})
     head = {"name": "cifar10_multiview_mean_gain_over_best_view_across_view_sets",
             "value": got.get("mean_gain"), "target": 0.05, "floor": 0.02,
             "meets": got.get("mean_gain") is not None and got["mean_gain"] >= 0.02,
             "weighting": default}
-    path = write_result("multiview-sets", head, {"datasets": results, "seeds": list(SEEDS)})
+    path = write_result("multiview-sets", head, {"datasets": results, "seeds": list(SEEDS),
+                                                 "view_budget_s": args.view_budget})
     print(f"multiview_sets: {head} -> {path}")
     return 0
