@@ -350,7 +350,8 @@ class MultiviewConfig:
     # is ~0: |gap| < 0.01 measured); "gap" = in proportion to the gap over those views;
     # "uniform" = equal over all. gap lost to gated on CIFAR-10 on 2026-12-02 (the best view
     # had the lowest gap of the trained ones: the gap measures clusterability, not meaning)
-    # and tied with it over six view sets and three seeds on 2026-12-07
+    # and tied with it (within the seeds' spread) over six view sets and three seeds on
+    # 2026-12-07 with 420 s views
     # (python -m bench multiview_sets; README, Results).
     weighting: str = "gated"
     min_gap: float = 0.02
@@ -360,8 +361,8 @@ class MultiviewConfig:
     # DEC's start: "embedding" = k-means on the pretrained fused embedding z (DEC's own; it
     # needs the pretraining: shorten pretrain_epochs only with concat); "concat" = k-means
     # on the views' weighted concatenation. python -m bench multiview: embedding beat concat
-    # on both datasets on 2026-12-07, concat won with the weaker view runs of 2026-12-02
-    # (README, Results).
+    # on CIFAR-10 and tied on MNIST with 420 s views, beat it on both with 240 s views;
+    # concat won with the weaker view runs of 2026-12-02 (README, Results).
     init: str = "embedding"
     target_every: int = 2  # epochs between DEC target refreshes over every image
     tol: float = 0.001  # stop when fewer clusters than this change in a round (DEC's 0.1%)
