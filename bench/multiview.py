@@ -174,8 +174,8 @@ def replay_fusion(cfg: Any, run: Path) -> list[dict[str, Any]]:
     specs = [mv.parse_view(entry) for entry in cfg.multiview.views]
     names = mv.view_names(specs)
     views = [load_per_id(locate(str(f))) for f in pass_files(run, cfg.multiview.views)]
-    _, _, rows = drive(mv.fusion_stages(cfg, views, names, specs), Replay())
-    return rows  # type: ignore[no-any-return]
+    _, _, results = drive(mv.fusion_stages(cfg, views, names, specs), Replay())
+    return results["views"]  # type: ignore[no-any-return]
 
 
 def pass_files(run: Path, entries: list[str]) -> list[Path]:

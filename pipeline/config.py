@@ -358,6 +358,10 @@ class MultiviewConfig:
     batch_size: int = 256  # fusion steps (DEC's 256)
     lr: float = 1e-3  # Adam, for the fusion network
     pretrain_epochs: int = 50  # reconstruction alone, before k-means initialises the centroids
+    # Independent pretraining starts (k-means' n_init, as online.starts): each seeds its own
+    # branches; the lowest reconstruction in the last pretraining epoch is kept. Costs
+    # (starts - 1) x pretrain_epochs epochs. README, multiview, "Training".
+    starts: int = 3
     # DEC's start: "embedding" = k-means on the pretrained fused embedding z (DEC's own; it
     # needs the pretraining: shorten pretrain_epochs only with concat); "concat" = k-means
     # on the views' weighted concatenation. python -m bench multiview: embedding beat concat
@@ -706,7 +710,7 @@ _POSITIVE_INT = [
     "depict.batch_size", "imc.prototypes", "imc.project_dim", "imc.head_hidden",
     "imc.global_crops", "imc.sinkhorn_iters", "multiview.pca_dim", "multiview.hidden",
     "multiview.embed_dim", "multiview.batch_size", "multiview.target_every",
-    "multiview.kmeans_iters", "multiview.kmeans_redo",
+    "multiview.kmeans_iters", "multiview.kmeans_redo", "multiview.starts",
 ]  # fmt: skip
 _NON_NEGATIVE = [
     "data.global_shuffle_max_gb", "cluster.max_staleness", "cluster.centroid_window", "train.weight_decay", "train.warmup_epochs", "train.time_budget_s", "train.precise_bn_images", "scale.max_failures",
@@ -882,6 +886,10 @@ def _validate_multiview(cfg: Config) -> None:
     if cfg.method == "multiview" and not mv.views:
         raise ConfigError("multiview.views: --method multiview needs at least one view, e.g. "
                           "--set multiview.views='[runs/online, resnet18]'")
+    if mv.starts > 1 and not mv.pretrain_epochs:
+        raise ConfigError(f"multiview.starts: the starts are compared by their pretraining "
+                          f"reconstruction, so starts={mv.starts} needs "
+                          f"multiview.pretrain_epochs > 0")
     if cfg.method == "multiview" and mv.batch_size % cfg.scale.workers:
         raise ConfigError(f"multiview.batch_size: must be divisible by scale.workers="
                           f"{cfg.scale.workers}; got {mv.batch_size}")

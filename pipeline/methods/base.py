@@ -25,6 +25,7 @@ collectives are the identity in one process (the pattern of lightly's
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
@@ -359,3 +360,36 @@ def to_batch(rows: dict[str, Any], device: torch.device) -> dict[str, Any]:
         else:
             out[name] = torch.from_numpy(np.ascontiguousarray(array)).to(device)
     return out
+
+
+# ------------------------------------------------------------------------------------------
+# Independent starts (k-means' ``n_init`` for a trained objective): ``online.starts`` and
+# ``multiview.starts``.
+
+
+def start_seed(seed: int, start: int) -> int:
+    """The seed of start ``start`` of a run with ``train.seed`` ``seed``: the run's own for
+    start 0, a SeedSequence draw from (seed, start) for the others."""
+    if start == 0:
+        return seed
+    return int(np.random.SeedSequence((seed, start)).generate_state(1)[0])
+
+
+def best_start(histories: list[list[dict[str, Any]]], key: str = "loss") -> int:
+    """The start to keep: the lowest ``key`` (a mean training loss) in its last epoch (the
+    rule of k-means' ``n_init``, lowest objective, applied to a trained objective). A start
+    whose last epoch has no such loss (no step) or a non-finite one never wins."""
+    def last_loss(history: list[dict[str, Any]]) -> float:
+        loss = history[-1].get(key) if history else None
+        return float(loss) if loss is not None and math.isfinite(loss) else math.inf
+
+    return int(np.argmin([last_loss(h) for h in histories]))
+
+
+def starts_report(last_rows: list[tuple[int, dict[str, Any]]], kept: int, key: str = "loss"
+                  ) -> dict[str, Any]:
+    """For metrics.json: each start's seed, last-epoch ``key`` and (with labels) training
+    NMI, from (seed, last epoch's history row) per start, and the kept start."""
+    return {"starts": [{"seed": seed, key: row.get(key),
+                        **({"nmi": row["nmi"]} if "nmi" in row else {})}
+                       for seed, row in last_rows], "kept_start": kept}

@@ -31,8 +31,9 @@ fused embedding z = Σ_v w_v·branch_v(x_v); per view an MLP decoder reconstruct
 a DEC clustering layer (Xie, Girshick & Farhadi 2016): Student-t soft assignments
 q_ij ∝ (1 + ‖z_i − μ_j‖²/α)^{−(α+1)/2} and the sharpened target p_ij ∝ q_ij² / Σ_i q_ij.
 
-**Stages.** The view passes; ``fusion-pretrain``: reconstruction alone (Σ_v w_v·MSE_v);
-k-means on z initialises μ; then rounds of ``fusion-round-RRR`` (``multiview.target_every``
+**Stages.** The view passes; ``fusion-pretrain-startR``: ``multiview.starts`` independent
+pretrainings, reconstruction alone (Σ_v w_v·MSE_v), the lowest final reconstruction kept
+(:func:`pretrained`); k-means on its z initialises μ; then rounds of ``fusion-round-RRR`` (``multiview.target_every``
 epochs of reconstruction + ``multiview.cluster_weight``·KL(P‖Q), IDEC's loss, Guo et al.
 2017) with P recomputed over every image between rounds, until fewer than
 ``multiview.tol`` of the clusters change or ``train.epochs`` are spent. The fusion stages
@@ -77,7 +78,10 @@ from pipeline.methods.base import (
     Scatter,
     Stages,
     Train,
+    best_start,
     descend,
+    start_seed,
+    starts_report,
 )
 from pipeline.models import zoo
 
@@ -677,30 +681,25 @@ def stages(cfg: Config) -> Stages:
         nets.append(net)
         archs.append(arch)
         views.append(found)
-    fusion, history, rows = yield from fusion_stages(cfg, views, names, specs)
-    return export(cfg, archs, nets, fusion, history, rows)
+    fusion, history, results = yield from fusion_stages(cfg, views, names, specs)
+    return export(cfg, archs, nets, fusion, history, results)
 
 
 def fusion_stages(cfg: Config, views: list[PerId], names: list[str], specs: list[ViewSpec]
                   ) -> Stages:
-    """Given the view passes: the baselines, the fusion pretraining, DEC's start, then DEC
-    rounds -> (the trained :class:`FusionNet`, the history, the ``views`` rows)."""
+    """Given the view passes: the baselines, the fusion pretraining (:func:`pretrained`),
+    DEC's start, then DEC rounds -> (the trained :class:`FusionNet`, the history, the
+    results for metrics.json: ``views``, the baselines' and multiview's rows, and with
+    several starts ``starts`` and ``kept_start``)."""
     from pipeline.progress import figures, say
 
     mv = cfg.multiview
     table = combine(views)
     weights = view_weights([view.facts["gap"] for view in views], mv.weighting, mv.min_gap)
     rows = baselines(cfg, names, specs, views, table, weights)
-    net = FusionNet(fusion_arch(cfg, [view.extra["mean"].shape[0] for view in views],
-                                [view.extra["proj"].shape[1] for view in views], weights))
-    _set_whitening(net, views)
+    started = time.monotonic()
+    net, history, starts = yield from pretrained(cfg, table, views, weights)
     joins = {f"x{v}": table for v in range(len(views))}
-    started, history = time.monotonic(), []
-    if mv.pretrain_epochs:
-        result = yield Train("fusion-pretrain", mv.pretrain_epochs, FusionTrainer(cfg, net, False),
-                             join=joins, batch_size=mv.batch_size, inputs="arrays")
-        _load(net, result.state)
-        history.append({"stage": "pretrain", "epoch": 0, **_figures(result.history)})
     z = fused(net, table)
     start = initial_clusters(cfg, table, weights, z)
     with torch.no_grad():
@@ -735,7 +734,43 @@ def fusion_stages(cfg: Config, views: list[PerId], names: list[str], specs: list
             break
     rows.append({"view": "multiview", "dim": mv.embed_dim,
                  **_scores(cluster_scores(table.labels, q.argmax(axis=1)))})
-    return net, history, rows
+    return net, history, {"views": rows, **starts}
+
+
+def pretrained(cfg: Config, table: PerId, views: list[PerId], weights: list[float]
+               ) -> Stages:
+    """The fusion network after its reconstruction pretraining: ``multiview.starts``
+    independent starts (start r: branches seeded from :func:`~pipeline.methods.base.
+    start_seed`, the data order the run's), each ``multiview.pretrain_epochs`` epochs; the
+    one with the lowest reconstruction in its last epoch is kept (k-means' ``n_init`` rule,
+    as ``online.starts``): DEC's start is k-means on its z, which decides the result.
+    -> (the kept :class:`FusionNet`, one history row per start, the starts' report for
+    metrics.json: empty for one start)."""
+    mv, tried = cfg.multiview, []
+    dims = ([view.extra["mean"].shape[0] for view in views],
+            [view.extra["proj"].shape[1] for view in views])
+    joins = {f"x{v}": table for v in range(len(views))}
+    for r in range(mv.starts):
+        seed = start_seed(cfg.train.seed, r)
+        net = FusionNet({**fusion_arch(cfg, *dims, weights), "seed": seed})
+        _set_whitening(net, views)
+        if not mv.pretrain_epochs:
+            return net, [], {}
+        name = "fusion-pretrain" if mv.starts == 1 else f"fusion-pretrain-start{r}"
+        result = yield Train(name, mv.pretrain_epochs, FusionTrainer(cfg, net, False),
+                             join=joins, batch_size=mv.batch_size, inputs="arrays")
+        _load(net, result.state)
+        tried.append((seed, net, result.history))
+    kept = best_start([h for _, _, h in tried], "reconstruction")
+    history = [{"stage": "pretrain", "epoch": 0, **_figures(h),
+                **({"start": r, "kept": r == kept} if mv.starts > 1 else {})}
+               for r, (_, _, h) in enumerate(tried)]
+    if mv.starts == 1:
+        return tried[0][1], history, {}
+    report = starts_report([(seed, h[-1]) for seed, _, h in tried], kept, "reconstruction")
+    log.info("multiview: pretraining start %d of %d kept: %s", kept, mv.starts,
+             report["starts"])
+    return tried[kept][1], history, report
 
 
 def weighted_concatenation(table: PerId, weights: list[float]) -> np.ndarray:
@@ -804,7 +839,7 @@ def multiview_arch(cfg: Config, view_archs: list[dict[str, Any]], f_arch: dict[s
 
 
 def export(cfg: Config, view_archs: list[dict[str, Any]], view_nets: list[nn.Module],
-           net: FusionNet, history: list[dict[str, Any]], rows: list[dict[str, Any]]
+           net: FusionNet, history: list[dict[str, Any]], results: dict[str, Any]
            ) -> TrainedModel:
     """The composite :class:`MultiviewNet` (images -> z) and μ as centroids: the nearest
     centroid is argmax q, the method's cluster."""
@@ -817,4 +852,4 @@ def export(cfg: Config, view_archs: list[dict[str, Any]], view_nets: list[nn.Mod
         view.load_state_dict(trained.state_dict())
     model.fusion.load_state_dict(net.state_dict())
     return TrainedModel(save_bytes(model), arch, net.mu.detach().cpu().numpy().astype(np.float32),
-                        history, {"views": rows})
+                        history, results)

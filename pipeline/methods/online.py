@@ -48,7 +48,17 @@ from pipeline.data.augment import AugmentSpec, View, colour_view, random_view
 from pipeline.kmeans.drift import DriftProbe, toward_centroid
 from pipeline.kmeans.stats import assign, partial_stats
 from pipeline.kmeans.store import Delta
-from pipeline.methods.base import Context, Embed, Hooks, Stages, Train, TrainResult
+from pipeline.methods.base import (
+    Context,
+    Embed,
+    Hooks,
+    Stages,
+    Train,
+    TrainResult,
+    best_start,
+    start_seed,
+    starts_report,
+)
 from pipeline.metrics import acc, nmi
 from pipeline.models.layers import batchnorms, has_batchnorm
 
@@ -503,25 +513,6 @@ class OnlineProgram(Hooks):
         return out
 
 
-def start_seed(seed: int, start: int) -> int:
-    """``train.seed`` of start ``start`` (:func:`stages`): the run's own for start 0."""
-    if start == 0:
-        return seed
-    return int(np.random.SeedSequence((seed, start)).generate_state(1)[0])
-
-
-def best_start(histories: list[list[dict[str, Any]]]) -> int:
-    """The start to keep: the lowest mean training loss in its last epoch (the rule of
-    k-means' ``n_init``, lowest objective, applied to the joint objective). A start whose
-    last epoch has no loss (no CNN step) or a non-finite one never wins."""
-    def last_loss(history: list[dict[str, Any]]) -> float:
-        loss = history[-1].get("loss") if history else None
-        return float(loss) if loss is not None and math.isfinite(loss) else math.inf
-
-    losses = [last_loss(h) for h in histories]
-    return int(np.argmin(losses))
-
-
 def seeded_start(cfg: Config, name: str) -> Stages:
     """The seeded initial model of ``cfg`` (``train.seed``), and its k centroids seeded from
     the features of a uniform sample (``cluster.init_pool`` per cluster) with batch
@@ -589,14 +580,6 @@ def start_budget(budget_s: float, starts: int, start_epochs: int, epochs: int
     if not budget_s:
         return None
     return budget_s * start_epochs / (starts * start_epochs + epochs - start_epochs)
-
-
-def starts_report(last_rows: list[tuple[int, dict[str, Any]]], kept: int) -> dict[str, Any]:
-    """For metrics.json: each start's seed, last-epoch loss and (with labels) training NMI,
-    from (seed, last epoch's history row) per start, and the kept start."""
-    return {"starts": [{"seed": seed, "loss": row.get("loss"),
-                        **({"nmi": row["nmi"]} if "nmi" in row else {})}
-                       for seed, row in last_rows], "kept_start": kept}
 
 
 def load_cnn(cnn: nn.Module, result: TrainResult) -> None:

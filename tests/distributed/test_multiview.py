@@ -20,7 +20,8 @@ from tests.distributed import clusters_by_id as by_id
 from tests.test_cluster_job import SMALL, digits_shards  # noqa: F401  (fixture)
 
 FUSION = ["method=multiview", "cluster.k=10", "data.image_size=16", "multiview.batch_size=64",
-          "multiview.pretrain_epochs=4", "train.epochs=4", "scale.cpus_per_worker=0.5",
+          "multiview.pretrain_epochs=4", "multiview.starts=2", "train.epochs=4",
+          "scale.cpus_per_worker=0.5",
           "scale.checkpoint_every_steps=8", "report.sample_rows=2000", "report.map_points=300"]
 
 
@@ -84,6 +85,8 @@ def test_multiview_job_assign_job_report_and_resume(digits_shards, view_run, tmp
     history = metrics["epochs"]
     # 1,797 // 64 = 28 steps an epoch: the kill at step 30 is in the second pretrain epoch
     assert history[0]["stage"] == "pretrain" and history[0]["resumed_from_step"] in (8, 16, 24, 28)
+    assert [row["start"] for row in history[:2]] == [0, 1]  # two pretraining starts, one kept
+    assert len(metrics["starts"]) == 2 and history[metrics["kept_start"]]["kept"]
     assert metrics["cluster_sizes"]["empty"] == 0
 
     # the assignments are the method's clusters, and so are the assign job's

@@ -187,6 +187,14 @@ def test_view_weights():
     assert mv.view_weights([0.01, 0.0], "gap", 0.05) == [0.5, 0.5]  # none passes: all equal
 
 
+def test_starts_need_a_pretraining_to_compare():
+    with pytest.raises(ConfigError, match="multiview.starts: .*multiview.pretrain_epochs > 0"):
+        cfg_with(["resnet18"], "multiview.starts=2", "multiview.pretrain_epochs=0")
+    with pytest.raises(ConfigError, match="multiview.starts"):
+        cfg_with(["resnet18"], "multiview.starts=0")
+    assert cfg_with(["resnet18"], "multiview.starts=1", "multiview.pretrain_epochs=0")
+
+
 def test_fusion_net_shapes_and_whitening():
     arch = {"in_dims": [12, 5], "dims": [6, 3], "weights": [0.7, 0.3], "hidden": 16,
             "embed_dim": 4, "k": 3, "alpha": 1.0}
@@ -236,6 +244,15 @@ def test_the_reference_runner_fuses_views_of_the_digits(tmp_path):
     trained = run_reference(cfg, uri)
     rows = {r["view"]: r for r in trained.results["views"]}
     assert set(rows) == {"resnet18", "noise16", "concatenation", "co-association", "multiview"}
+    # three pretraining starts (the default), each its own branches; the lowest
+    # reconstruction is kept, and it is the network DEC trained on
+    starts, kept = trained.results["starts"], trained.results["kept_start"]
+    losses = [s["reconstruction"] for s in starts]
+    assert len(starts) == 3 and len(set(losses)) == 3 and kept == int(np.argmin(losses))
+    assert starts[0]["seed"] == cfg.train.seed and len({s["seed"] for s in starts}) == 3
+    pre = [row for row in trained.history if row["stage"] == "pretrain"]
+    assert [row["kept"] for row in pre] == [r == kept for r in range(3)]
+    assert [row["reconstruction"] for row in pre] == losses
     assert rows["noise16"]["weight"] == 0 and rows["resnet18"]["weight"] == 1
     assert rows["noise16"]["nmi"] < 0.1 and rows["multiview"]["nmi"] > 0.4
     model = load_model(trained.model_bytes, trained.arch, torch.device("cpu"))

@@ -14,15 +14,14 @@ from torch import nn
 from pipeline.kmeans.minibatch import minibatch_update
 from pipeline.kmeans.stats import assign
 from pipeline.kmeans.store import CentroidStore
+from pipeline.methods.base import best_start, start_seed
 from pipeline.methods.online import (
     OnlineLossSpec,
     OnlineWorker,
     balance_weights,
-    best_start,
     make_optimizer,
     online_loss,
     running_stats_frozen,
-    start_seed,
 )
 from tests.test_cluster_job import digits_shards  # noqa: F401  (fixture)
 
