@@ -33,8 +33,8 @@ q_ij ∝ (1 + ‖z_i − μ_j‖²/α)^{−(α+1)/2} and the sharpened target p_
 
 **Stages.** The view passes; ``fusion-pretrain-startR``: ``multiview.starts`` independent
 pretrainings, reconstruction alone (Σ_v w_v·MSE_v), the lowest final reconstruction kept
-(:func:`pretrained`); k-means on its z initialises μ; then rounds of ``fusion-round-RRR`` (``multiview.target_every``
-epochs of reconstruction + ``multiview.cluster_weight``·KL(P‖Q), IDEC's loss, Guo et al.
+(:func:`pretrained`); k-means on its z initialises μ; then rounds of ``fusion-round-RRR``
+(``multiview.target_every`` epochs of reconstruction + ``multiview.cluster_weight``·KL(P‖Q), IDEC's loss, Guo et al.
 2017) with P recomputed over every image between rounds, until fewer than
 ``multiview.tol`` of the clusters change or ``train.epochs`` are spent. The fusion stages
 train on the feature arrays alone (``Train(inputs="arrays")``), with the shared runner's
@@ -330,12 +330,11 @@ class ViewNet(nn.Module):
         return self.extractor((x - self.mean) / self.std).flatten(1).float()  # type: ignore[no-any-return]
 
 
-def fusion_arch(cfg: Config, in_dims: list[int], dims: list[int], weights: list[float]
-                ) -> dict[str, Any]:
+def fusion_arch(cfg: Config, in_dims: list[int], dims: list[int], weights: list[float],
+                seed: int) -> dict[str, Any]:
     mv = cfg.multiview
     return {"in_dims": in_dims, "dims": dims, "weights": weights, "hidden": mv.hidden,
-            "embed_dim": mv.embed_dim, "k": cfg.cluster.k, "alpha": mv.alpha,
-            "seed": cfg.train.seed}
+            "embed_dim": mv.embed_dim, "k": cfg.cluster.k, "alpha": mv.alpha, "seed": seed}
 
 
 def _mlp(a: int, h: int, b: int) -> nn.Sequential:
@@ -697,9 +696,8 @@ def fusion_stages(cfg: Config, views: list[PerId], names: list[str], specs: list
     table = combine(views)
     weights = view_weights([view.facts["gap"] for view in views], mv.weighting, mv.min_gap)
     rows = baselines(cfg, names, specs, views, table, weights)
-    started = time.monotonic()
-    net, history, starts = yield from pretrained(cfg, table, views, weights)
-    joins = {f"x{v}": table for v in range(len(views))}
+    started, joins = time.monotonic(), {f"x{v}": table for v in range(len(views))}
+    net, history, starts = yield from pretrained(cfg, views, weights, joins)
     z = fused(net, table)
     start = initial_clusters(cfg, table, weights, z)
     with torch.no_grad():
@@ -737,8 +735,8 @@ def fusion_stages(cfg: Config, views: list[PerId], names: list[str], specs: list
     return net, history, {"views": rows, **starts}
 
 
-def pretrained(cfg: Config, table: PerId, views: list[PerId], weights: list[float]
-               ) -> Stages:
+def pretrained(cfg: Config, views: list[PerId], weights: list[float],
+               joins: dict[str, PerId]) -> Stages:
     """The fusion network after its reconstruction pretraining: ``multiview.starts``
     independent starts (start r: branches seeded from :func:`~pipeline.methods.base.
     start_seed`, the data order the run's), each ``multiview.pretrain_epochs`` epochs; the
@@ -749,28 +747,36 @@ def pretrained(cfg: Config, table: PerId, views: list[PerId], weights: list[floa
     mv, tried = cfg.multiview, []
     dims = ([view.extra["mean"].shape[0] for view in views],
             [view.extra["proj"].shape[1] for view in views])
-    joins = {f"x{v}": table for v in range(len(views))}
-    for r in range(mv.starts):
-        seed = start_seed(cfg.train.seed, r)
-        net = FusionNet({**fusion_arch(cfg, *dims, weights), "seed": seed})
-        _set_whitening(net, views)
-        if not mv.pretrain_epochs:
-            return net, [], {}
+    for r in range(mv.starts if mv.pretrain_epochs else 0):
+        net = fusion_net(cfg, views, dims, weights, start_seed(cfg.train.seed, r))
         name = "fusion-pretrain" if mv.starts == 1 else f"fusion-pretrain-start{r}"
         result = yield Train(name, mv.pretrain_epochs, FusionTrainer(cfg, net, False),
                              join=joins, batch_size=mv.batch_size, inputs="arrays")
         _load(net, result.state)
-        tried.append((seed, net, result.history))
-    kept = best_start([h for _, _, h in tried], "reconstruction")
+        tried.append((net, result.history))
+    if not tried:  # no pretraining: DEC starts from the initial branches
+        return fusion_net(cfg, views, dims, weights, cfg.train.seed), [], {}
+    kept = best_start([h for _, h in tried], "reconstruction")
+    several = len(tried) > 1
     history = [{"stage": "pretrain", "epoch": 0, **_figures(h),
-                **({"start": r, "kept": r == kept} if mv.starts > 1 else {})}
-               for r, (_, _, h) in enumerate(tried)]
-    if mv.starts == 1:
-        return tried[0][1], history, {}
-    report = starts_report([(seed, h[-1]) for seed, _, h in tried], kept, "reconstruction")
+                **({"start": r, "kept": r == kept} if several else {})}
+               for r, (_, h) in enumerate(tried)]
+    if not several:
+        return tried[0][0], history, {}
+    report = starts_report([(net.arch["seed"], h[-1]) for net, h in tried], kept,
+                           "reconstruction")
     log.info("multiview: pretraining start %d of %d kept: %s", kept, mv.starts,
              report["starts"])
-    return tried[kept][1], history, report
+    return tried[kept][0], history, report
+
+
+def fusion_net(cfg: Config, views: list[PerId], dims: tuple[list[int], list[int]],
+               weights: list[float], seed: int) -> FusionNet:
+    """A :class:`FusionNet` with its branches seeded from ``seed`` and the views'
+    whitening set."""
+    net = FusionNet(fusion_arch(cfg, *dims, weights, seed))
+    _set_whitening(net, views)
+    return net
 
 
 def weighted_concatenation(table: PerId, weights: list[float]) -> np.ndarray:
