@@ -34,8 +34,8 @@ q_ij ∝ (1 + ‖z_i − μ_j‖²/α)^{−(α+1)/2} and the sharpened target p_
 **Stages.** The view passes; ``fusion-pretrain-startR``: ``multiview.starts`` independent
 pretrainings, reconstruction alone (Σ_v w_v·MSE_v), the lowest final reconstruction kept
 (:func:`pretrained`); k-means on its z initialises μ; then rounds of ``fusion-round-RRR``
-(``multiview.target_every`` epochs of reconstruction + ``multiview.cluster_weight``·KL(P‖Q), IDEC's loss, Guo et al.
-2017) with P recomputed over every image between rounds, until fewer than
+(``multiview.target_every`` epochs of reconstruction + ``multiview.cluster_weight``·KL(P‖Q),
+IDEC's loss, Guo et al. 2017) with P recomputed over every image between rounds, until fewer than
 ``multiview.tol`` of the clusters change or ``train.epochs`` are spent. The fusion stages
 train on the feature arrays alone (``Train(inputs="arrays")``), with the shared runner's
 shuffling, checkpoints and resume.
