@@ -16,7 +16,10 @@ not once per stage (bench/epoch_overhead.py).
   ``reduce`` with :func:`scatter` (shards on Ray actors), and saves the result as
   ``--output/stages/NAME.npz``.
   An Embed with ``sample`` embeds a uniform sample on the driver instead
-  (:func:`~pipeline.distributed.job.sample_pixels`).
+  (:func:`~pipeline.distributed.job.sample_pixels`); one with ``pool``, posted before the
+  trainer has started (multiview's view passes), on a Ray Data actor pool of its own
+  (:class:`EmbedActor`, the batch-inference layout of the assign job), so the trainer
+  starts only when a train stage needs it.
 * :class:`~pipeline.methods.base.Train`: the shuffled training stream (the ``train``
   dataset, :func:`~pipeline.distributed.job.training_images`) with the stage's per-id arrays
   joined by id on the worker, in :func:`stage_loop`, the one worker loop of every program:
@@ -57,6 +60,7 @@ from pipeline.data import fs as fsx
 from pipeline.data.fs import Location
 from pipeline.data.reader import Shards, find_shards
 from pipeline.distributed import checkpoint
+from pipeline.distributed.assign import ModelActor
 from pipeline.distributed.features import check_feature_memory
 from pipeline.methods.base import (
     Context,
@@ -158,6 +162,11 @@ class LongLivedTrainer:
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.posted = 0
+
+    @property
+    def started(self) -> bool:
+        """Whether the Ray Train run (and so its workers' resources) is up."""
+        return self.thread is not None
 
     def run(self, stage: Stage, servers: dict[str, Any] | None = None,
             steps_per_epoch: int | None = None) -> list[Any]:
@@ -293,11 +302,18 @@ class RayRunner:
         self.cfg, self.input_uri, self.paths = cfg, input_uri, paths
         self.shards = find_shards(input_uri, cfg.s3)
         self.dir = paths.root.join("stages")
-        self.trainer = LongLivedTrainer(cfg, self._datasets, paths.checkpoints)
+        self.trainer = LongLivedTrainer(cfg, self.datasets, paths.checkpoints)
         self.names: set[str] = set()
         self._rows: int | None = None
+        self._datasets: dict[str, Any] | None = None
 
-    def _datasets(self) -> dict[str, Any]:
+    def datasets(self) -> dict[str, Any]:
+        """The run's datasets, made once (a pool pass and the trainer share them)."""
+        if self._datasets is None:
+            self._datasets = self._make_datasets()
+        return self._datasets
+
+    def _make_datasets(self) -> dict[str, Any]:
         """``train``: the shuffled training stream; ``embed``: the decoded images in stored
         order (with ``data.cache_decoded`` both come from one materialised copy)."""
         from pipeline.distributed.job import decoded_images, training_images
@@ -326,7 +342,10 @@ class RayRunner:
             found = self._sample(stage)
         else:
             check_feature_memory(self.rows(), stage.arch["feature_dim"], self.cfg)
-            found = PerId.concat(self.trainer.run(stage))
+            if stage.pool and not self.trainer.started:
+                found = self._on_pool(stage)
+            else:
+                found = PerId.concat(self.trainer.run(stage))
         found.facts["embed_s"] = time.perf_counter() - t0
         result = found if stage.reduce is None else stage.reduce(found, scatter)
         save_per_id(saved, result)
@@ -341,6 +360,30 @@ class RayRunner:
         labels = [str(r["label"]) for r in rows] if self.shards.has_label else None
         return embed_sample(stage, self.cfg, np.asarray([r["id"] for r in rows], str),
                             pixels, labels)
+
+    def _on_pool(self, stage: Embed) -> PerId:
+        """The pass on a Ray Data actor pool (:class:`EmbedActor`) fed by the ``embed``
+        dataset's decode tasks: ``scale.workers`` actors with a training worker's resources
+        (a GPU each with ``scale.gpu``), free since no trainer holds them yet."""
+        import ray
+        import ray.data
+
+        cfg = self.cfg
+        parts = [PerId(np.asarray(b["id"]).astype(str), {"feature": b["feature"]},
+                       np.asarray(b["label"]).astype(str) if "label" in b else None)
+                 for b in self.datasets()["embed"].map_batches(
+                     EmbedActor, batch_size=cfg.cluster.assign_batch_size,
+                     batch_format="numpy", fn_constructor_kwargs={
+                         "model_bytes": ray.put(stage.model), "arch": stage.arch,
+                         "threads": cfg.scale.threads_per_worker or cfg.scale.cpus_per_worker,
+                         "batch_stats": stage.batch_stats, "dtype": feature_dtype(cfg)},
+                     compute=ray.data.ActorPoolStrategy(size=cfg.scale.workers),
+                     num_cpus=cfg.scale.cpus_per_worker, num_gpus=int(cfg.scale.gpu)
+                 ).iter_batches(batch_size=None, batch_format="numpy")]
+        if not parts:
+            d = int(stage.arch["feature_dim"])
+            return PerId(np.array([], str), {"feature": np.zeros((0, d), feature_dtype(cfg))})
+        return PerId.concat(parts)
 
     def train(self, stage: Train) -> TrainResult:
         self._claim(stage.name)
@@ -592,7 +635,7 @@ def embed_share(cfg: Config, stage: Embed, shard: Any, ctx: Context) -> PerId:
     model = load_model(stage.model, stage.arch, ctx.device)
     if stage.batch_stats:
         model.train()
-    dtype = np.float16 if cfg.deepcluster.feature_dtype == "float16" else np.float32
+    dtype = feature_dtype(cfg)
     ids, feats, labels = [], [], []
     cuda = ctx.device.type == "cuda"
     with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=cuda):
@@ -607,6 +650,33 @@ def embed_share(cfg: Config, stage: Embed, shard: Any, ctx: Context) -> PerId:
     return PerId(np.concatenate(ids) if ids else np.array([], str),
                  {"feature": np.concatenate(feats) if feats else np.zeros((0, d), dtype)},
                  np.concatenate(labels) if labels else None)
+
+
+def feature_dtype(cfg: Config) -> type:
+    """The dtype of a pass's features on the driver (``deepcluster.feature_dtype``)."""
+    return np.float16 if cfg.deepcluster.feature_dtype == "float16" else np.float32
+
+
+class EmbedActor(ModelActor):
+    """Ray Data actor of an Embed stage on a pool (:meth:`RayRunner._on_pool`): decoded
+    rows -> ``id``, ``feature`` (n, d) in ``dtype``[, ``label``]; the model loaded once, on
+    the GPU when there is one (fp16 autocast there, as :func:`embed_share`)."""
+
+    def __init__(self, model_bytes: Any, arch: dict[str, Any], threads: float,
+                 batch_stats: bool, dtype: type):
+        super().__init__(model_bytes, arch, threads)
+        if batch_stats:
+            self.model.train()
+        self.dtype = dtype
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        with torch.inference_mode():
+            features = self.embed(np.asarray(batch["pixels"], np.float32))
+        out = {"id": np.asarray(batch["id"]).astype(str),
+               "feature": features.cpu().numpy().astype(self.dtype)}
+        if "label" in batch:
+            out["label"] = np.asarray(batch["label"]).astype(str)
+        return out
 
 
 @dataclasses.dataclass

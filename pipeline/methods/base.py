@@ -200,7 +200,12 @@ class Embed:
     are first recomputed over the sample in batches of that size
     (:func:`~pipeline.models.layers.recompute_bn_stats`); the features are then the
     calibrated model's, in eval mode, and its safetensors bytes are ``extra["model"]``
-    (uint8)."""
+    (uint8).
+
+    With ``pool``, a runner whose workers are not yet busy (no train stage has run) embeds
+    on an inference pool of its own instead (Ray: a Ray Data actor pool, GPU when present),
+    the batch-inference layout; the features are the same. Multiview's view passes, which
+    all come before its first train stage, ask for it."""
 
     name: str
     model: bytes
@@ -209,6 +214,7 @@ class Embed:
     reduce: Callable[[PerId, Scatter], PerId] | None = None
     sample: int | None = None
     precise_bn: int | None = None
+    pool: bool = False
 
 
 @dataclass

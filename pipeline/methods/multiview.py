@@ -102,8 +102,9 @@ _UNDER_HEAD = {"depict": ("embedding", "embed_dim"), "imc": ("hidden", "head_hid
 @dataclass(frozen=True)
 class ViewSpec:
     """One ``multiview.views`` entry: ``kind`` "run" (``source`` its URI), "arch"
-    (``source`` the architecture, ``weights`` a URI or None) or "noise" (``dim``), with
-    input overrides ``size``, ``mean``, ``std``."""
+    (``source`` the architecture, ``weights`` a URI or None, found in the checkpoint at
+    ``key`` and ``prefix`` when given) or "noise" (``dim``), with input overrides ``size``,
+    ``mean``, ``std``."""
 
     entry: str
     kind: str
@@ -113,6 +114,8 @@ class ViewSpec:
     size: int | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    key: str | None = None  # the checkpoint's table of weights ("teacher", "model/ema")
+    prefix: str | None = None  # stripped from the weights' names ("module.encoder_q.")
 
 
 def parse_view(entry: str) -> ViewSpec:
@@ -123,6 +126,9 @@ def parse_view(entry: str) -> ViewSpec:
     body, _, options = entry.strip().partition("#")
     opts = _options(entry, options)
     head, colon, rest = body.partition(":")
+    if ("key" in opts or "prefix" in opts) and not (head in zoo.ZOO and rest):
+        raise ConfigError(f"multiview.views: {entry!r}: key= and prefix= say where an "
+                          "ARCH:WEIGHTS checkpoint holds the weights; this entry has none")
     if head in zoo.ZOO:
         return ViewSpec(entry, "arch", head, rest or None, **opts)
     if head == "noise":
@@ -146,11 +152,13 @@ def _options(entry: str, text: str) -> dict[str, Any]:
                     raise ValueError
             elif key in ("mean", "std") and eq:
                 out[key] = tuple(float(v) for v in value.split("/"))
+            elif key in ("key", "prefix") and eq:  # where the weights sit in the checkpoint
+                out[key] = value
             else:
                 raise ValueError
         except ValueError:
             raise ConfigError(f"multiview.views: {entry!r}: bad option {part!r} (size=N, "
-                              "mean=a/b/c, std=a/b/c)") from None
+                              "mean=a/b/c, std=a/b/c, key=K, prefix=P)") from None
     return out
 
 
@@ -229,12 +237,12 @@ def _zoo_extractor(spec: ViewSpec, cfg: Config) -> tuple[dict[str, Any], dict[st
         log.warning("multiview view %s: no weights given; random initialisation", spec.entry)
         return arch, None
     from pipeline.data import fs as fsx
-    from pipeline.models.weights import parse_state_dict
+    from pipeline.models.weights import read_tables
 
     data = fsx.read_bytes(fsx.locate(spec.weights, cfg.s3))
     net = zoo.build(spec.source, size)
-    zoo.load_checked(net, parse_state_dict(data, spec.weights), spec.weights,
-                     cfg.multiview.min_coverage)
+    zoo.load_checked(net, read_tables(data, spec.weights), spec.weights,
+                     cfg.multiview.min_coverage, spec.key, spec.prefix)
     return arch, net.state_dict()
 
 
@@ -675,7 +683,7 @@ def stages(cfg: Config) -> Stages:
     for v, (spec, name) in enumerate(zip(specs, names, strict=True)):
         net, arch = resolve_view(spec, cfg)
         found = yield Embed(f"view-{v:02d}-{name}", save_bytes(net), arch,
-                            reduce=view_reduce(cfg, cfg.train.seed))
+                            reduce=view_reduce(cfg, cfg.train.seed), pool=True)
         say(f"multiview view {name}{figures(found.facts)}")
         nets.append(net)
         archs.append(arch)

@@ -8,7 +8,7 @@ from torch import nn
 
 from pipeline.config import S3Config
 from pipeline.data import fs as fsx
-from pipeline.models.weights import WeightsError, load_into, parse_state_dict
+from pipeline.models.weights import WeightsError, load_into, read_tables
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +21,6 @@ def load_pretrained(model: nn.Module, uri: str, s3: S3Config | None = None) -> s
         raise WeightsError(f"model.weights: {exc}") from exc
     trunk = getattr(model, "trunk", model)
     assert isinstance(trunk, nn.Module)
-    part = load_into(model, trunk, parse_state_dict(data, uri), uri)
+    part = load_into(model, trunk, read_tables(data, uri), uri)
     log.info("loaded %s weights from %s", part, uri)
     return part

@@ -3,8 +3,9 @@
 Each entry of :data:`ZOO` builds a torchvision network with random weights (never a hub
 download) and replaces its classifier by the identity, so ``forward`` gives the penultimate
 features: the input of the last linear layer. Pretrained weights come from a local path or
-``s3://`` URI as safetensors or a weights-only state dict (:func:`load_checked`), with the
-share of the network's tensors they fill checked against a threshold. No Ray imports here.
+``s3://`` URI as safetensors or a weights-only state dict (:func:`load_checked`), found
+wherever they sit in the checkpoint (a nested table, a name prefix), with the share of the
+network's tensors they fill checked against a threshold. No Ray imports here.
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from pipeline.models.weights import WeightsError
+from pipeline.models.weights import Fit, Tables, WeightsError, fit, log_place
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -76,25 +76,18 @@ def build(name: str, size: int | None = None) -> nn.Module:
     return net
 
 
-def coverage(net: nn.Module, state: dict[str, torch.Tensor]) -> float:
-    """The share of ``net``'s parameter and buffer elements that ``state`` fills with a
-    tensor of the same name and shape (classifier keys of a full checkpoint are ignored)."""
-    own = net.state_dict()
-    total = sum(t.numel() for t in own.values()) or 1
-    filled = sum(t.numel() for k, t in own.items()
-                 if k in state and tuple(state[k].shape) == tuple(t.shape))
-    return filled / total
-
-
-def load_checked(net: nn.Module, state: dict[str, torch.Tensor], name: str,
-                 min_coverage: float) -> float:
-    """Load the tensors of ``state`` that fit ``net``; a WeightsError naming ``name`` when
-    they fill less than ``min_coverage`` of it (weights of another architecture)."""
-    share = coverage(net, state)
-    if share < min_coverage:
-        raise WeightsError(f"{name}: the weights fill {share:.0%} of the architecture's "
-                           f"tensors (< {min_coverage:.0%}): weights of another architecture?")
-    own = net.state_dict()
-    net.load_state_dict({k: v for k, v in state.items()
-                         if k in own and tuple(v.shape) == tuple(own[k].shape)}, strict=False)
-    return share
+def load_checked(net: nn.Module, tables: Tables, name: str, min_coverage: float,
+                 table: str | None = None, prefix: str | None = None) -> Fit:
+    """Load the tensors of the checkpoint ``tables`` that fit ``net``, from the table and
+    name prefix that fill most of it (:func:`~pipeline.models.weights.fit`; ``table`` and
+    ``prefix`` pin them); a WeightsError naming ``name`` when they fill less than
+    ``min_coverage`` of it (weights of another architecture)."""
+    found = fit(net.state_dict(), tables, name, table, prefix)
+    if found.coverage < min_coverage:
+        at = f"; best at {found.where}" if found.table or found.prefix else ""
+        raise WeightsError(f"{name}: the weights fill {found.coverage:.0%} of the "
+                           f"architecture's tensors (< {min_coverage:.0%}{at}): weights of "
+                           "another architecture?")
+    net.load_state_dict(found.state, strict=False)
+    log_place(name, found)
+    return found

@@ -113,6 +113,32 @@ def test_multiview_job_assign_job_report_and_resume(digits_shards, view_run, tmp
                                   for i, r in enumerate(metrics["views"][:2])]
 
 
+def test_view_passes_run_on_an_actor_pool_before_any_trainer(digits_shards, tmp_path):  # noqa: F811
+    """A view pass (``Embed(pool=True)``) posted before any train stage runs on a Ray Data
+    actor pool, starts no Ray Train run, and gives the reference runner's features."""
+    from pipeline.distributed.runner import RayRunner
+    from pipeline.methods.base import Embed
+    from pipeline.methods.reference import LocalRunner
+    from pipeline.models.weights import save_bytes
+    from pipeline.outputs import RunPaths
+
+    cfg = multiview_cfg(digits_shards, str(tmp_path / "run"), ["resnet18#size=16"],
+                        "scale.workers=2")
+    net, arch = mv.resolve_view(mv.parse_view("resnet18#size=16"), cfg)
+    stage = Embed("view-00-resnet18", save_bytes(net), arch, pool=True)
+    runner = RayRunner(cfg, digits_shards, RunPaths(locate(str(tmp_path / "run"))))
+    try:
+        found = runner.embed(stage)
+        assert not runner.trainer.started
+    finally:
+        runner.close()
+    ref = LocalRunner(cfg, digits_shards).embed(stage)
+    assert found.ids.tolist() == ref.ids.tolist() and len(found.ids) == 1797
+    assert found.labels is not None and ref.labels is not None
+    assert found.labels.tolist() == ref.labels.tolist()
+    np.testing.assert_allclose(found.arrays["feature"], ref.arrays["feature"], atol=1e-4)
+
+
 def _remove(path: Path) -> None:
     import shutil
 

@@ -45,6 +45,8 @@ def test_options_override_the_input():
     assert spec.weights == "/w.safetensors" and spec.size == 64
     assert spec.mean == (0.5, 0.5, 0.5) and spec.std == (0.2, 0.2, 0.2)
     assert mv.parse_view("noise:16").dim == 16
+    spec = mv.parse_view("resnet50:/dino.pth#key=teacher,prefix=backbone.,size=96")
+    assert (spec.key, spec.prefix, spec.size) == ("teacher", "backbone.", 96)
 
 
 @pytest.mark.parametrize("entry, message", [
@@ -52,6 +54,8 @@ def test_options_override_the_input():
     ("resnet18#size=0", "bad option 'size=0'"),
     ("resnet18#colour=1", "bad option 'colour=1'"),
     ("noise:x", "noise\\[:DIM\\] needs DIM >= 1"),
+    ("resnet18#key=teacher", "key= and prefix= say where an ARCH:WEIGHTS checkpoint"),
+    ("runs/online#prefix=module.", "key= and prefix= say where"),
 ])
 def test_bad_entries_are_named(entry, message):
     with pytest.raises(ConfigError, match=f"multiview.views: '{entry}': {message}"):
@@ -94,6 +98,15 @@ def test_weights_load_from_a_full_torchvision_checkpoint(tmp_path):
     net, arch = mv.resolve_view(mv.parse_view(f"resnet18:{path}#size=32"), cfg_with(["x"]))
     assert torch.equal(net.extractor.conv1.weight, full.conv1.weight)
     assert arch["feature_dim"] == 512 and arch["size"] == 32
+    # a self-supervised checkpoint: the teacher's backbone, pinned by the entry's options
+    other = resnet18(weights=None)
+    buf = io.BytesIO()
+    torch.save({"student": {f"backbone.{k}": v for k, v in full.state_dict().items()},
+                "teacher": {f"backbone.{k}": v for k, v in other.state_dict().items()}}, buf)
+    (tmp_path / "dino.pth").write_bytes(buf.getvalue())
+    net, _ = mv.resolve_view(mv.parse_view(f"resnet18:{tmp_path}/dino.pth#key=teacher"),
+                             cfg_with(["x"]))
+    assert torch.equal(net.extractor.conv1.weight, other.conv1.weight)
 
 
 def test_every_architecture_gives_its_penultimate_features():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 
 import pytest
@@ -9,9 +10,10 @@ import torch
 from safetensors.torch import save_file
 from torchvision import models as tvm
 
+from pipeline.models import zoo
 from pipeline.models.backbones import build_embedder
 from pipeline.models.loading import load_pretrained
-from pipeline.models.weights import WeightsError, save_bytes
+from pipeline.models.weights import WeightsError, fit, read_tables, save_bytes
 
 
 @pytest.mark.parametrize("backbone, channels, size", [("small_cnn", 1, 28), ("small_cnn", 3, 32),
@@ -55,6 +57,62 @@ def test_pickles_and_garbage_are_refused(tmp_path):
         load_pretrained(build_embedder("small_cnn", 1, 8), str(tmp_path / "other.safetensors"))
     with pytest.raises(WeightsError, match="missing.pt"):
         load_pretrained(build_embedder("small_cnn", 1, 8), str(tmp_path / "missing.pt"))
+
+
+def saved(obj: object) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in state.items()}
+
+
+def test_weights_are_found_wherever_training_scripts_put_them():
+    """The checkpoint layouts users hold: a table nested under a key, names under a prefix;
+    the best place wins, one that fits as well is named, and key/prefix pin the choice."""
+    net = zoo.build("resnet18")
+    q, k = (tvm.resnet18(weights=None).state_dict() for _ in range(2))
+    layouts = {  # checkpoint -> (key, prefix) the weights come from
+        "moco": ({"epoch": 3, "state_dict": {**prefixed(q, "module.encoder_q."),
+                                             **prefixed(k, "module.encoder_k.")}},
+                 ("state_dict", "module.encoder_q.")),
+        "torchvision scripts": ({"model": q, "optimizer": {"state": {}}, "epoch": 89},
+                                ("model", "")),
+        "torch.compile": (prefixed(q, "_orig_mod."), ("", "_orig_mod.")),
+        "dino": ({"student": prefixed(k, "module.backbone."),
+                  "teacher": prefixed(q, "backbone.")}, ("teacher", "backbone.")),
+    }
+    for name, (checkpoint, (key, prefix)) in layouts.items():
+        tables = read_tables(saved(checkpoint), f"{name}.pt")
+        pinned = {"key": key} if name == "dino" else {}  # student and teacher both fit
+        found = zoo.load_checked(net, tables, name, 0.9, pinned.get("key"))
+        assert (found.coverage, found.table, found.prefix) == (1.0, key, prefix), name
+        assert torch.equal(net.conv1.weight, q["conv1.weight"]), name
+    moco = fit(net.state_dict(), read_tables(saved(layouts["moco"][0]), "m.pt"), "m.pt")
+    assert moco.also == ("key 'state_dict', prefix 'module.encoder_k.'",)
+    zoo.load_checked(net, read_tables(saved(layouts["moco"][0]), "m.pt"), "m.pt", 0.9,
+                     prefix="module.encoder_k.")
+    assert torch.equal(net.conv1.weight, k["conv1.weight"])
+    dino = read_tables(saved(layouts["dino"][0]), "d.pt")
+    assert fit(net.state_dict(), dino, "d.pt").table == "student"  # the first that fits
+    with pytest.raises(WeightsError, match=r"d.pt: no table of tensors under key 'ema' "
+                                           r"\(found: 'student', 'teacher'\)"):
+        fit(net.state_dict(), dino, "d.pt", table="ema")
+    with pytest.raises(WeightsError, match=r"fill 0% .*best at key 'teacher', prefix 'x\.'"):
+        zoo.load_checked(net, dino, "d.pt", 0.9, "teacher", "x.")
+
+
+def test_a_lightning_checkpoint_of_our_model_loads_whole(tmp_path):
+    """``{"state_dict": {"model.<our names>": ...}}``: the whole model, under a prefix."""
+    model = build_embedder("small_cnn", 1, 8)
+    (tmp_path / "l.ckpt").write_bytes(saved({"state_dict": prefixed(model.state_dict(),
+                                                                    "model.")}))
+    other = build_embedder("small_cnn", 1, 8)
+    assert load_pretrained(other, str(tmp_path / "l.ckpt")) == "model"
+    for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_precise_bn_stats_are_the_average_of_the_batch_statistics():
