@@ -6,7 +6,7 @@ import importlib
 import sys
 
 NAMES = ("quality", "ingest", "gpu_smoke", "throughput", "kmeans", "centroid_server", "memory",
-         "gpu_throughput", "deepcluster", "depict", "imc", "imc_sweep", "multiview", "multiview_sets", "shuffle", "epoch_overhead", "report",
+         "gpu_throughput", "deepcluster", "depict", "imc", "imc_sweep", "multiview", "multiview_sets", "view_passes", "shuffle", "epoch_overhead", "report",
          "table", "train_throughput", "chaos", "fuzz", "s3_faults", "drift")
 
 
