@@ -17,7 +17,7 @@ from pipeline.methods.base import Embed
 from pipeline.methods.depict import DepictNet, depict_arch, softmax, targets
 from pipeline.methods.reference import LocalRunner
 from pipeline.models.weights import save_bytes
-from tests.distributed import clusters_by_id as by_id
+from tests.distributed import assert_assigned_as
 from tests.test_cluster_job import digits_shards  # noqa: F401  (fixture)
 
 SETTINGS = ["method=depict", "cluster.k=10", "data.image_size=16", "train.epochs=1",
@@ -46,12 +46,12 @@ def test_depict_job_assign_job_and_report(digits_shards, tmp_path):  # noqa: F81
     # the export: the assign pass gives every image the method's own cluster, argmax p
     final = load_per_id(locate(str(sorted(Path(out, "stages").glob("round-*-targets.npz"))[-1])))
     method = dict(zip(final.ids.tolist(), final.arrays["cluster"].tolist(), strict=True))
-    assert by_id(os.path.join(out, "assignments")) == method
+    assert_assigned_as(os.path.join(out, "assignments"), method)
     assert metrics["nmi"] == history[-1]["nmi"] and metrics["nmi"] > 0.3
 
     # the assign job on the same images reproduces them
     assign_job(out, digits_shards, str(tmp_path / "assigned"))
-    assert by_id(str(tmp_path / "assigned")) == method
+    assert_assigned_as(str(tmp_path / "assigned"), method)
     report = Path(out, "report.html").read_text()
     assert "depict" in report and "cluster-0" in report
 

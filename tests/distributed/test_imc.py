@@ -17,7 +17,7 @@ from pipeline.methods.imc import ImcNet, imc_arch
 from pipeline.methods.reference import LocalRunner
 from pipeline.models.weights import save_bytes
 from pipeline.outputs import RunPaths, load_trained
-from tests.distributed import clusters_by_id as by_id
+from tests.distributed import assert_assigned_as
 from tests.test_cluster_job import digits_shards  # noqa: F401  (fixture)
 
 SETTINGS = ["method=imc", "cluster.k=10", "data.image_size=16", "train.epochs=2",
@@ -60,10 +60,10 @@ def test_imc_job_assign_job_and_report(digits_shards, tmp_path):  # noqa: F811
 
     method = head_argmax(cfg, out, digits_shards)
     assert len(method) == 1797
-    assert by_id(os.path.join(out, "assignments")) == method
+    assert_assigned_as(os.path.join(out, "assignments"), method)
     assert metrics["nmi"] > 0.03  # 2 short epochs; a collapsed head scores 0
 
     assign_job(out, digits_shards, str(tmp_path / "assigned"))
-    assert by_id(str(tmp_path / "assigned")) == method
+    assert_assigned_as(str(tmp_path / "assigned"), method)
     report = Path(out, "report.html").read_text()
     assert "imc" in report and "cluster-0" in report
