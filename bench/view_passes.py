@@ -9,7 +9,7 @@ Needs ``python -m bench multiview`` first: its runs' saved configs give the five
 64 px) and the input. For each dataset, every view's pass is made three ways:
 
 (a) **pool**: the runner's ``Embed(pool=True)`` before any trainer, as the method posts it: a
-    Ray Data actor pool of ``scale.workers`` actors per view, fed by the decode tasks;
+    Ray Data actor pool of 1 to ``scale.workers`` actors per view (1 in these runs);
 (b) **trainer**: the same stages with ``pool=False``, on the long-lived Ray Train run's
     workers over the ``embed`` split (the path before the pool; its first pass pays for
     starting the Ray Train run);

@@ -97,6 +97,10 @@ class ModelConfig:
 
     backbone: Backbone = "small_cnn"  # small_cnn for 28-32 px; resnet18/50 for larger images
     weights: str | None = None  # local path or s3:// URI (safetensors or weights-only state dict)
+    # Where in that checkpoint (default: wherever the most of the model fits): its table of
+    # tensors ("teacher", nested "model/ema") and the names' prefix ("module.encoder_q.").
+    weights_key: str | None = None
+    weights_prefix: str | None = None
     # small_cnn channels (width, 2w, 4w); 32 trains ~170 img/s/core at 28 px. online defaults
     # to 16 (its registry line, pipeline/methods/__init__.py).
     width: int = 32
@@ -772,6 +776,10 @@ def _validate_run(cfg: Config) -> None:
         raise ConfigError(f"data.std: every value must be > 0; got {_show(cfg.data.std)}")
     if cfg.cluster.k < 2:
         raise ConfigError(f"cluster.k: must be >= 2; got {cfg.cluster.k}")
+    for name in ("weights_key", "weights_prefix"):
+        if getattr(cfg.model, name) is not None and not cfg.model.weights:
+            raise ConfigError(f"model.{name}: says where model.weights keeps the weights; "
+                              "set model.weights too")
     if not 0.0 <= cfg.cluster.drift_smoothing <= 1.0:
         raise ConfigError(f"cluster.drift_smoothing: must be in [0, 1]; got {cfg.cluster.drift_smoothing}")
     if not 0.0 < cfg.cluster.outlier_quantile <= 1.0:

@@ -80,6 +80,10 @@ from pipeline.outputs import RunPaths, TrainedModel
 
 log = logging.getLogger(__name__)
 
+# An Embed pool's first actor must start within this (a GPU node may have to come up);
+# Ray Data's own default waits for ever.
+POOL_START_TIMEOUT_S = 600
+
 
 # ------------------------------------------------------------------------------------------
 # Driver and workers meet at the desk.
@@ -363,27 +367,36 @@ class RayRunner:
 
     def _on_pool(self, stage: Embed) -> PerId:
         """The pass on a Ray Data actor pool (:class:`EmbedActor`) fed by the ``embed``
-        dataset's decode tasks: ``scale.workers`` actors with a training worker's resources
-        (a GPU each with ``scale.gpu``), free since no trainer holds them yet."""
+        dataset's decode: 1 to ``scale.workers`` actors with a training worker's resources
+        (a GPU each with ``scale.gpu``), free since no trainer holds them yet. A pool whose
+        first actor cannot start within :data:`POOL_START_TIMEOUT_S` (no free GPU) fails,
+        naming the stage, rather than waiting for ever."""
         import ray
         import ray.data
 
         cfg = self.cfg
-        parts = [PerId(np.asarray(b["id"]).astype(str), {"feature": b["feature"]},
-                       np.asarray(b["label"]).astype(str) if "label" in b else None)
-                 for b in self.datasets()["embed"].map_batches(
-                     EmbedActor, batch_size=cfg.cluster.assign_batch_size,
-                     batch_format="numpy", fn_constructor_kwargs={
-                         "model_bytes": ray.put(stage.model), "arch": stage.arch,
-                         "threads": cfg.scale.threads_per_worker or cfg.scale.cpus_per_worker,
-                         "batch_stats": stage.batch_stats, "dtype": feature_dtype(cfg)},
-                     compute=ray.data.ActorPoolStrategy(size=cfg.scale.workers),
-                     num_cpus=cfg.scale.cpus_per_worker, num_gpus=int(cfg.scale.gpu)
-                 ).iter_batches(batch_size=None, batch_format="numpy")]
-        if not parts:
+        ds = self.datasets()["embed"].map_batches(
+            EmbedActor, batch_size=cfg.cluster.assign_batch_size, batch_format="numpy",
+            fn_constructor_kwargs={
+                "model_bytes": ray.put(stage.model), "arch": stage.arch,
+                "threads": cfg.scale.threads_per_worker or cfg.scale.cpus_per_worker,
+                "batch_stats": stage.batch_stats, "dtype": feature_dtype(cfg)},
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.scale.workers),
+            num_cpus=cfg.scale.cpus_per_worker, num_gpus=int(cfg.scale.gpu))
+        ds.context.wait_for_min_actors_s = POOL_START_TIMEOUT_S
+        try:
+            batches = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        except ray.exceptions.GetTimeoutError as exc:
+            need = f"{cfg.scale.cpus_per_worker} CPU" + (" and 1 GPU" if cfg.scale.gpu else "")
+            raise RuntimeError(f"stage {stage.name}: no actor of its pool ({need}) started "
+                               f"within {POOL_START_TIMEOUT_S} s: the cluster has no room "
+                               "for one") from exc
+        if not batches:
             d = int(stage.arch["feature_dim"])
             return PerId(np.array([], str), {"feature": np.zeros((0, d), feature_dtype(cfg))})
-        return PerId.concat(parts)
+        return PerId.concat([PerId(np.asarray(b["id"]).astype(str), {"feature": b["feature"]},
+                                   np.asarray(b["label"]).astype(str) if "label" in b else None)
+                             for b in batches])
 
     def train(self, stage: Train) -> TrainResult:
         self._claim(stage.name)
@@ -670,6 +683,9 @@ class EmbedActor(ModelActor):
         self.dtype = dtype
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        # The embed dataset's pixels are normalised float32 already (the run's decode), so
+        # ModelActor's uint8 normalisation, from ``model.json``, never applies here: a view's
+        # arch holds its own input's mean/std, not the run's.
         with torch.inference_mode():
             features = self.embed(np.asarray(batch["pixels"], np.float32))
         out = {"id": np.asarray(batch["id"]).astype(str),

@@ -49,5 +49,6 @@ def initial_model(cfg: Config) -> nn.Module:
     if cfg.model.weights:
         from pipeline.models.loading import load_pretrained
 
-        load_pretrained(model, cfg.model.weights, cfg.s3)
+        load_pretrained(model, cfg.model.weights, cfg.s3, cfg.model.weights_key,
+                        cfg.model.weights_prefix)
     return model

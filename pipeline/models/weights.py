@@ -73,13 +73,16 @@ class Fit:
     (``"module."``, ``"_orig_mod."``, ``"module.encoder_q."``, ...) that, stripped, give the
     network's names; ``state`` holds the tensors that fit by name and shape, under the
     network's names; ``coverage`` is the share of the network's elements they fill;
-    ``also`` lists other places that fit as well."""
+    ``also`` lists other places that fit as well, and ``misfits`` the names found there
+    with another shape (checkpoint's vs network's)."""
 
     state: dict[str, torch.Tensor]
     coverage: float
     table: str
     prefix: str
     also: tuple[str, ...] = ()
+    # names there with the wrong shape: "layer1.0.conv1.weight (64, 64, 3, 3) vs (32, ...)"
+    misfits: tuple[str, ...] = ()
 
     @property
     def where(self) -> str:
@@ -115,7 +118,11 @@ def fit(own: dict[str, torch.Tensor], tables: Tables, name: str, table: str | No
     scored.sort(key=lambda s: s[:3])
     best = scored[0]
     also = tuple(place(s[3], s[4]) for s in scored[1:] if s[0] == best[0] and best[0] < 0)
-    return Fit(best[5], -best[0], best[3], best[4], also)
+    tensors, p = tables[best[3]], best[4]
+    misfits = tuple(f"{k} {tuple(tensors[p + k].shape)} vs {tuple(t.shape)}"
+                    for k, t in own.items()
+                    if p + k in tensors and tuple(tensors[p + k].shape) != tuple(t.shape))
+    return Fit(best[5], -best[0], best[3], best[4], also, misfits)
 
 
 def _prefixes(tensors: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> list[str]:
@@ -129,19 +136,26 @@ def _prefixes(tensors: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) ->
     return list(found)
 
 
-def load_into(model: nn.Module, trunk: nn.Module, tables: Tables, name: str) -> str:
+def load_into(model: nn.Module, trunk: nn.Module, tables: Tables, name: str,
+              table: str | None = None, prefix: str | None = None) -> str:
     """Load a whole-model state dict, or else a backbone (trunk) one such as torchvision's,
-    from wherever in the checkpoint it fits best (:func:`fit`). Returns "model" or "trunk".
-    Keys the trunk lacks (a classifier's ``fc.*``) are ignored."""
-    whole = fit(model.state_dict(), tables, name)
-    if whole.coverage == 1.0:
+    from wherever in the checkpoint it fits best (:func:`fit`; ``table`` and ``prefix`` pin
+    the place). Returns "model" or "trunk". Keys the trunk lacks (a classifier's ``fc.*``)
+    are ignored; a tensor of the trunk's with another shape (another architecture, another
+    input's channels) is a WeightsError."""
+    own = model.state_dict()
+    whole = fit(own, tables, name, table, prefix)
+    if len(whole.state) == len(own):
         model.load_state_dict(whole.state)
         log_place(name, whole)
         return "model"
-    part = fit(trunk.state_dict(), tables, name)
+    part = fit(trunk.state_dict(), tables, name, table, prefix)
     if not part.state:
         first = next(iter(next(iter(tables.values()))))
         raise WeightsError(f"{name}: no tensor matches the backbone (e.g. {first})")
+    if part.misfits:
+        raise WeightsError(f"{name}: does not fit the backbone: {len(part.misfits)} tensors "
+                           f"have another shape (e.g. {part.misfits[0]})")
     trunk.load_state_dict(part.state, strict=False)
     if part.coverage < 1.0:
         log.warning("%s: the weights fill %.0f%% of the backbone's tensors", name,
@@ -151,10 +165,14 @@ def load_into(model: nn.Module, trunk: nn.Module, tables: Tables, name: str) -> 
 
 
 def log_place(name: str, found: Fit) -> None:
-    """Say where the weights were found, when not plainly at the top level."""
-    if found.table or found.prefix or found.also:
-        also = f" (as well: {'; '.join(found.also)})" if found.also else ""
-        log.info("%s: weights taken from %s%s", name, found.where, also)
+    """Say where the weights were found, when not plainly at the top level; warn when
+    another place fits as well (DINO's student and teacher, MoCo's two encoders): the
+    first was taken, and key/prefix settings choose another."""
+    if found.also:
+        log.warning("%s: weights taken from %s; as well: %s (pin one with key=/prefix=)",
+                    name, found.where, "; ".join(found.also))
+    elif found.table or found.prefix:
+        log.info("%s: weights taken from %s", name, found.where)
 
 
 def save_bytes(model: nn.Module) -> bytes:

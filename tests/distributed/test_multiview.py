@@ -16,7 +16,7 @@ from pipeline.config import Config, resolve
 from pipeline.data.fs import locate
 from pipeline.distributed.runner import load_per_id
 from pipeline.methods import multiview as mv
-from tests.distributed import clusters_by_id as by_id
+from tests.distributed import assert_assigned_as
 from tests.test_cluster_job import SMALL, digits_shards  # noqa: F401  (fixture)
 
 FUSION = ["method=multiview", "cluster.k=10", "data.image_size=16", "multiview.batch_size=64",
@@ -91,10 +91,10 @@ def test_multiview_job_assign_job_report_and_resume(digits_shards, view_run, tmp
 
     # the assignments are the method's clusters, and so are the assign job's
     method = training_clusters(out, Path(out, "model"))
-    assert by_id(os.path.join(out, "assignments")) == method
+    assert_assigned_as(os.path.join(out, "assignments"), method)
     assert metrics["nmi"] == pytest.approx(rows["multiview"]["nmi"], abs=1e-4)
     assign_job(out, digits_shards, str(tmp_path / "assigned"))
-    assert by_id(str(tmp_path / "assigned")) == method
+    assert_assigned_as(str(tmp_path / "assigned"), method)
     report = Path(out, "report.html").read_text()
     assert "<table id=views>" in report and "co-association" in report
 
@@ -137,6 +137,26 @@ def test_view_passes_run_on_an_actor_pool_before_any_trainer(digits_shards, tmp_
     assert found.labels is not None and ref.labels is not None
     assert found.labels.tolist() == ref.labels.tolist()
     np.testing.assert_allclose(found.arrays["feature"], ref.arrays["feature"], atol=1e-4)
+
+
+def test_a_pool_with_no_room_fails_naming_the_stage(digits_shards, tmp_path, monkeypatch):  # noqa: F811
+    """A pool whose actor cannot start (here 3 CPUs on the suite's 2-CPU cluster; on a real
+    one, no free GPU) fails in one line naming the stage, instead of Ray Data's endless
+    wait."""
+    from pipeline.distributed import runner as runner_mod
+    from pipeline.methods.base import Embed
+    from pipeline.models.weights import save_bytes
+    from pipeline.outputs import RunPaths
+
+    monkeypatch.setattr(runner_mod, "POOL_START_TIMEOUT_S", 5)
+    cfg = multiview_cfg(digits_shards, str(tmp_path / "run"), ["noise:8"],
+                        "scale.cpus_per_worker=3")
+    net, arch = mv.resolve_view(mv.parse_view("noise:8"), cfg)
+    runner = runner_mod.RayRunner(cfg, digits_shards, RunPaths(locate(str(tmp_path / "run"))))
+    with pytest.raises(RuntimeError, match=r"stage view-00-noise8: no actor of its pool "
+                                           r"\(3.0 CPU\) started within 5 s"):
+        runner.embed(Embed("view-00-noise8", save_bytes(net), arch, pool=True))
+    assert not runner.trainer.started
 
 
 def _remove(path: Path) -> None:

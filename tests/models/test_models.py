@@ -85,6 +85,7 @@ def test_weights_are_found_wherever_training_scripts_put_them():
                   "teacher": prefixed(q, "backbone.")}, ("teacher", "backbone.")),
     }
     for name, (checkpoint, (key, prefix)) in layouts.items():
+        net = zoo.build("resnet18")
         tables = read_tables(saved(checkpoint), f"{name}.pt")
         pinned = {"key": key} if name == "dino" else {}  # student and teacher both fit
         found = zoo.load_checked(net, tables, name, 0.9, pinned.get("key"))
@@ -96,12 +97,34 @@ def test_weights_are_found_wherever_training_scripts_put_them():
                      prefix="module.encoder_k.")
     assert torch.equal(net.conv1.weight, k["conv1.weight"])
     dino = read_tables(saved(layouts["dino"][0]), "d.pt")
-    assert fit(net.state_dict(), dino, "d.pt").table == "student"  # the first that fits
+    first = fit(net.state_dict(), dino, "d.pt")  # the first that fits, the other named
+    assert (first.table, first.also) == ("student", ("key 'teacher', prefix 'backbone.'",))
     with pytest.raises(WeightsError, match=r"d.pt: no table of tensors under key 'ema' "
                                            r"\(found: 'student', 'teacher'\)"):
         fit(net.state_dict(), dino, "d.pt", table="ema")
     with pytest.raises(WeightsError, match=r"fill 0% .*best at key 'teacher', prefix 'x\.'"):
         zoo.load_checked(net, dino, "d.pt", 0.9, "teacher", "x.")
+
+
+def test_model_weights_key_and_prefix_pin_the_place_and_shapes_are_checked(tmp_path):
+    """``model.weights_key``/``weights_prefix`` reach the loader; a backbone tensor of
+    another shape (ImageNet resnet50 weights for a resnet18) is refused, not skipped."""
+    from pipeline.config import Config, ConfigError, resolve
+    from pipeline.methods.arch import initial_model
+
+    student, teacher = tvm.resnet18(weights=None), tvm.resnet18(weights=None)
+    path = tmp_path / "dino.pth"
+    path.write_bytes(saved({"student": prefixed(student.state_dict(), "backbone."),
+                            "teacher": prefixed(teacher.state_dict(), "backbone.")}))
+    cfg = resolve(Config, overrides=["model.backbone=resnet18", "data.channels=3",
+                                     f"model.weights={path}", "model.weights_key=teacher"])
+    assert torch.equal(initial_model(cfg).trunk.conv1.weight, teacher.conv1.weight)
+    with pytest.raises(ConfigError, match="model.weights_prefix: says where model.weights"):
+        resolve(Config, overrides=["model.weights_prefix=backbone."])
+    (tmp_path / "r50.pt").write_bytes(saved(tvm.resnet50(weights=None).state_dict()))
+    with pytest.raises(WeightsError, match=r"r50.pt: does not fit the backbone: \d+ tensors "
+                                           r"have another shape \(e.g. layer1.0.conv1.weight"):
+        load_pretrained(build_embedder("resnet18", 3, 16), str(tmp_path / "r50.pt"))
 
 
 def test_a_lightning_checkpoint_of_our_model_loads_whole(tmp_path):
